@@ -1,0 +1,132 @@
+"""Fixtures shared by the test modules. Add new ones under a section heading like those below."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when asked; bind it soon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
+
+
+# --- a real MLflow tracking server --------------------------------------------------------------
+
+MLFLOW_SERVER_START_S = 90  # it took 9-12 s here on 2 busy cores; CI machines can be slower
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URI of an `mlflow server` on 127.0.0.1 with an SQLite database; stopped after the session.
+
+    MLflow 3 needs no extra flags for this: artifacts are served (proxied) by default, and its
+    Host-header check accepts localhost and 127.0.0.1. Job execution (huey consumers: seven more
+    processes) is switched off, which only the server's own jobs use.
+    """
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        # A session of its own, so the uvicorn workers it forks can be stopped with it as one group.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                  start_new_session=True)
+    try:
+        _wait_for_health(uri, server, log_path)
+        yield uri
+    finally:
+        _stop_group(server)
+
+
+def _wait_for_health(uri: str, server: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + MLFLOW_SERVER_START_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with status {server.returncode}; its log:\n"
+                        f"{log_path.read_text(errors='replace')[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    _stop_group(server)
+    pytest.fail(f"mlflow server did not answer {uri}/health within {MLFLOW_SERVER_START_S} s; its log:\n"
+                f"{log_path.read_text(errors='replace')[-4000:]}")
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM the process group `process` leads, then SIGKILL whatever is left after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; a worker may linger a moment longer.
+        deadline = time.monotonic() + wait_s
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _group_alive(process.pid):
+            break
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+SHARED_MNIST_RAW = REPO.parent / "shared" / "data" / "MNIST" / "raw"
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A data root holding MNIST/raw/*.gz, copied from the shared data folder; skips without it.
+
+    Pass it to the project as its data root (--data-root); project code never names this path.
+    """
+    archives = sorted(SHARED_MNIST_RAW.glob("*.gz")) if SHARED_MNIST_RAW.is_dir() else []
+    if not archives:
+        pytest.skip(f"no MNIST archives in {SHARED_MNIST_RAW}")
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for archive in archives:
+        shutil.copy2(archive, raw / archive.name)
+    return root
