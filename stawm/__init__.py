@@ -1,7 +1,19 @@
 """STAWM: the Short Term Attentive Working Memory model, and the harness that studies it."""
 
 from .config import PRESETS, Config, ConfigError, preset
-from .memory import HebbRosenblatt
-from .model import STAWM, Output
 
 __all__ = ["Config", "ConfigError", "HebbRosenblatt", "Output", "PRESETS", "STAWM", "preset"]
+
+
+def __getattr__(name: str):
+    # The model classes import torch; loading them on first use keeps `stawm.config` (read by the
+    # analysis library and the study drivers) free of that cost.
+    if name == "HebbRosenblatt":
+        from .memory import HebbRosenblatt
+
+        return HebbRosenblatt
+    if name in ("STAWM", "Output"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'stawm' has no attribute {name!r}")

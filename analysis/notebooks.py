@@ -1,0 +1,94 @@
+"""Run the analysis notebooks headless, with parameters, as papermill does.
+
+    python -m analysis.notebooks analysis/table1.ipynb --out run.ipynb -p study=table1 -p tracking_uri=...
+
+Each notebook's first cell is tagged `parameters` and holds the defaults; `run_notebook` injects a
+cell tagged `injected-parameters` right after it (papermill's convention, so papermill can run the
+same notebooks) and executes everything with nbclient on the `python3` kernel, which must be this
+interpreter (ipykernel installed in the venv provides that kernel spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def inject_parameters(nb: nbformat.NotebookNode, parameters: dict) -> nbformat.NotebookNode:
+    """A copy of the notebook with `name = repr(value)` lines in a cell after the parameters cell."""
+    nb = nbformat.from_dict(nb)  # deep copy
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not tagged:
+        raise ValueError("the notebook has no cell tagged 'parameters'")
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    source = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(tagged[0] + 1, cell)
+    return nb
+
+
+def check_kernel() -> None:
+    """Fail unless the `python3` kernel spec runs this interpreter (jupyter_client swaps a bare
+    `python` for sys.executable; an absolute path must be this interpreter)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    exe = spec.argv[0]
+    bare = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
+    if exe not in bare and Path(exe).resolve() != Path(sys.executable).resolve():
+        raise RuntimeError(f"the python3 kernel spec in {spec.resource_dir} runs {exe}, not {sys.executable}; "
+                           f"run `{sys.executable} -m ipykernel install --sys-prefix`")
+
+
+def run_notebook(path: str | Path, parameters: dict, out_path: str | Path | None = None,
+                 timeout: int = 600, cwd: str | Path | None = None) -> nbformat.NotebookNode:
+    """Execute the notebook at `path` with `parameters` injected; write it to `out_path` if given.
+
+    The kernel starts in `cwd` (default the repository root) with the repository on PYTHONPATH,
+    so `import analysis` works. A failing cell raises nbclient's CellExecutionError after the
+    partly executed notebook is written to `out_path`.
+    """
+    from nbclient import NotebookClient
+
+    check_kernel()
+    nb = inject_parameters(nbformat.read(str(path), as_version=4), parameters)
+    cwd = Path(cwd or REPO_ROOT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: a loop of our own, closed afterwards (threads included)
+            asyncio.run(client.async_execute(env=env))
+        else:  # called from inside a running loop (e.g. a notebook): nbclient nests its own
+            client.execute(env=env)
+    finally:
+        if out_path is not None:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, str(out_path))
+    return nb
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.notebooks", description=__doc__.split("\n\n")[0])
+    p.add_argument("notebook", type=Path, help="the notebook to run")
+    p.add_argument("--out", type=Path, required=True, help="where to write the executed notebook")
+    p.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter (a string value), repeatable")
+    p.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    args = p.parse_args(argv)
+    params = dict(kv.split("=", 1) for kv in args.parameter)
+    run_notebook(args.notebook, params, args.out, timeout=args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
