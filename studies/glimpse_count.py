@@ -1,0 +1,45 @@
+"""How does the number of glimpses N change MNIST classification error (Table 1 uses N = 8 at S_g = 8)?
+
+Classification with the paper's 8x8 configuration (preset mnist-class-8), only N varied, crossed with
+seeds 0..4; everything else as Appendix D.
+
+    python studies/glimpse_count.py                    # the study: 6 glimpse counts x 5 seeds, 200 epochs each
+    python studies/glimpse_count.py --quick            # small mode: tiny preset, N = 2 and 4, 2 seeds, 1 epoch
+    python studies/glimpse_count.py --resume           # continue after a crash or a stop
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+
+from ray import tune  # noqa: E402
+
+from stawm import runner  # noqa: E402
+
+GLIMPSES = [2, 4, 6, 8, 10, 12]
+QUICK_GLIMPSES = [2, 4]
+
+
+def main() -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8")
+    grid = {"glimpses": QUICK_GLIMPSES if args.quick else GLIMPSES}
+    runner.check_grid(args, grid)
+    study = runner.start_study(args, swept=list(grid))
+    space = {
+        **study.base_config,
+        "glimpses": tune.grid_search(grid["glimpses"]),
+        "seed": tune.grid_search(runner.seeds(args)),
+    }
+    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    tuner = runner.restored(args, trainable) or tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        run_config=runner.run_config(args),
+    )
+    return runner.finish_study(study, tuner.fit())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Does learning the memory rates (delta, eta, theta) help MNIST classification, and from where they start?
+
+Classification with the paper's 8x8 configuration (preset mnist-class-8): learnable_rates False or
+True, crossed with three initial (delta, eta, theta) settings and seeds 0..4. The paper's setting
+(0.2, 0.4, 0.5) comes first; the other two start slower to forget and faster to write. Learned rates
+are checked against Appendix A after every epoch, so a run whose rates wander out is flagged.
+
+    python studies/learnable_rates.py                  # the study: 2 x 3 settings x 5 seeds, 200 epochs each
+    python studies/learnable_rates.py --quick          # small mode: fixed vs learnable from the paper's rates, 2 seeds
+    python studies/learnable_rates.py --resume         # continue after a crash or a stop
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+
+from ray import tune  # noqa: E402
+
+from stawm import runner  # noqa: E402
+
+INITIAL_RATES = [
+    {"delta": 0.2, "eta": 0.4, "theta": 0.5},  # the paper's initialisation
+    {"delta": 0.05, "eta": 0.4, "theta": 0.5},
+    {"delta": 0.2, "eta": 1.0, "theta": 1.0},
+]
+
+
+def main() -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8")
+    settings = INITIAL_RATES[:1] if args.quick else INITIAL_RATES
+    grid = {"learnable_rates": [False, True]}
+    runner.check_grid(args, grid, variants=settings)
+    study = runner.start_study(args, swept=["learnable_rates", "delta", "eta", "theta"])
+    space = {
+        **study.base_config,
+        "learnable_rates": tune.grid_search(grid["learnable_rates"]),
+        "_variant": tune.grid_search(settings),  # the initial rates, one dict per setting
+        "seed": tune.grid_search(runner.seeds(args)),
+    }
+    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    tuner = runner.restored(args, trainable) or tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        run_config=runner.run_config(args),
+    )
+    return runner.finish_study(study, tuner.fit())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Which memory rates and glimpse settings does a TPE search find, and do they hold up over fresh seeds?
+
+Stage 1, the search (study NAME-search): Optuna's TPE, seeded, suggests delta, eta, theta,
+glimpse_size and glimpses. Each suggestion trains with seeds 0..SEEDS-1 (ray.tune.search.Repeater;
+the repeat index `__trial_index__` is the seed) and is scored by its mean validation error over them
+(`validation_size` images carved from the training set; the test set is never looked at).
+With --asha, ASHA stops poor trials early instead and each suggestion gets one seed: the Repeater is
+left out, since stopping some of a suggestion's seeds early would bias its mean.
+
+Stage 2, the table (study NAME): the --top best configurations retrained on the whole training set
+over fresh seeds listed explicitly (100..104), scored on the test set. Kept apart from the search that
+chose them, as its own Tuner, MLflow experiment and parent run.
+
+    python studies/search.py                           # 20 suggestions x 5 seeds, then the best over 5 seeds
+    python studies/search.py --asha --samples 100      # 100 suggestions, one seed each, ASHA early stopping
+    python studies/search.py --quick                   # small mode: 2 suggestions x 2 seeds, then 2 seeds
+    python studies/search.py --resume                  # continue after a crash or a stop (either stage)
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter, Repeater  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from stawm import runner  # noqa: E402
+
+SPACE = {
+    "delta": tune.uniform(0.01, 1.0),
+    "eta": tune.loguniform(0.01, 2.0),
+    "theta": tune.uniform(0.0, 1.0),
+    "glimpse_size": tune.choice([6, 8, 12, 16, 28]),
+    "glimpses": tune.randint(2, 13),  # 2..12
+}
+QUICK_SPACE = {**SPACE, "glimpse_size": tune.choice([6, 8]), "glimpses": tune.randint(2, 5)}
+RERUN_SEEDS = [100, 101, 102, 103, 104]  # fresh: not the seeds the search selected on
+
+
+def flags(parser) -> None:
+    parser.add_argument("--samples", type=runner.positive_int,
+                        help="configurations the search tries (default: 20; 2 with --quick)")
+    parser.add_argument("--top", type=runner.positive_int, default=1,
+                        help="best configurations rerun over fresh seeds (default: 1)")
+    parser.add_argument("--asha", action="store_true", help="ASHA early stopping, one seed per configuration")
+    parser.add_argument("--validation-size", type=runner.positive_int,
+                        help="training images held out to score the search (default: 10000; 500 with --quick)")
+    parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+
+
+def main() -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", extra=flags)
+    extra = args.extra  # resolved here, so that the parent run records the values used
+    extra["samples"] = extra["samples"] or (2 if args.quick else 20)
+    extra["validation_size"] = extra["validation_size"] or (500 if args.quick else 10000)
+    samples, top, validation_size = extra["samples"], extra["top"], extra["validation_size"]
+    space = QUICK_SPACE if args.quick else SPACE
+    runner.check_grid(args, {"glimpse_size": space["glimpse_size"].categories, "validation_size": [validation_size]})
+    swept = list(space)
+
+    # Stage 1: the search, scored on the validation split.
+    study = runner.start_study(args, swept=swept, name=f"{args.name}-search")
+    repeat = 1 if extra["asha"] else args.seeds
+    searcher = OptunaSearch(metric="val_error", mode="min", seed=extra["search_seed"])
+    if not extra["asha"]:
+        searcher = Repeater(searcher, repeat=repeat, set_index=True)
+    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    tuner = runner.restored(args, trainable, name=study.name) or tune.Tuner(
+        trainable,
+        param_space={**study.base_config, "validation_size": validation_size, **space},
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or 2 * repeat),
+            scheduler=ASHAScheduler(metric="val_error", mode="min", max_t=args.config["epochs"], grace_period=1)
+            if extra["asha"] else None,
+            num_samples=samples * repeat,  # a multiple of the Repeater's repeat
+            reuse_actors=True,
+        ),
+        run_config=runner.run_config(args, name=study.name),
+    )
+    searched = tuner.fit()
+    status = runner.finish_study(study, searched)
+
+    # Stage 2: the best configurations over fresh seeds, on the whole training set, scored on the test set.
+    best = runner.best_configs(searched, swept, metric="val_error", top=top)
+    print("best configurations (mean val_error over seeds):", *best, sep="\n  ")
+    study = runner.start_study(args, swept=swept)
+    tuner = runner.restored(args, trainable) or tune.Tuner(
+        trainable,
+        param_space={**study.base_config, "_variant": tune.grid_search(best),
+                     "seed": tune.grid_search(RERUN_SEEDS[: args.seeds])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        run_config=runner.run_config(args),
+    )
+    return runner.finish_study(study, tuner.fit()) or status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

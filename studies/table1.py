@@ -1,0 +1,86 @@
+"""Table 1 (MNIST test error, mean and std over 5 trials): every STAWM row, 5 seeds each.
+
+Rows (presets of Appendix D, seeds 0..4 listed explicitly):
+- supervised, S_g = 8, N = 8:    mnist-class-8          (paper: 0.41% +- 0.03)
+- supervised, S_g = 28, N = 10:  mnist-class-28         (paper: 0.35% +- 0.02; the authors' script used N = 8)
+- self-supervised, S_g = 6, N = 12: mnist-selfsup-6     (paper: 0.77%), which needs a trained drawing model:
+  stage 1 also trains mnist-draw-6 (N = 12) per seed; stage 2 freezes it (`pretrained` = that seed's
+  last checkpoint) and trains the query, classifier and memory rates.
+
+Both stages are children of one MLflow parent run (experiment = --name); the drawing models are there
+too, told apart by `stawm.preset`. Ray keeps the stages as two experiments, NAME and NAME-selfsup.
+
+    python studies/table1.py                           # the table: 20 trials, paper epochs (200 / 100)
+    python studies/table1.py --quick                   # small mode: tiny-sized rows, 2 seeds, 1 epoch
+    python studies/table1.py --resume                  # continue after a crash or a stop (either stage)
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+
+from ray import tune  # noqa: E402
+
+from stawm import runner  # noqa: E402
+
+SEEDS = [0, 1, 2, 3, 4]  # the paper's 5 trials
+ROWS = {  # row -> (preset, fields changed in it)
+    "class-8": ("mnist-class-8", {}),
+    "class-28": ("mnist-class-28", {"glimpses": 10}),
+    "draw-6": ("mnist-draw-6", {"glimpses": 12}),
+}
+SELFSUP = ("mnist-selfsup-6", {"glimpses": 12})
+# --quick: the same rows at the tiny preset's sizes (drawing as in mnist-draw-6: addition canvas, no normalising)
+QUICK_DRAW = {"canvas": "addition", "normalize": False, "glimpse_size": 6}
+QUICK_ROWS = {
+    "class-8": ("tiny", {}),
+    "class-28": ("tiny", {"glimpse_size": 28}),
+    "draw-6": ("tiny", {"task": "draw", **QUICK_DRAW}),
+}
+QUICK_SELFSUP = ("tiny", {"task": "selfsup", "learnable_rates": True, **QUICK_DRAW})
+
+
+def main() -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8")
+    rows, (selfsup_preset, selfsup_fields) = (QUICK_ROWS, QUICK_SELFSUP) if args.quick else (ROWS, SELFSUP)
+    seeds = SEEDS[: args.seeds] if args.seeds <= len(SEEDS) else runner.seeds(args)
+    stage1 = [runner.variant(args, name, **fields, seed=seed) for name, fields in rows.values() for seed in seeds]
+    runner.variant(args, selfsup_preset, **selfsup_fields)  # validate stage 2 before Ray starts
+    study = runner.start_study(args, swept=["preset", "task", "glimpse_size", "glimpses"])
+    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+
+    # Stage 1: the supervised rows and the drawing models, all at once.
+    tuner = runner.restored(args, trainable) or tune.Tuner(
+        trainable,
+        param_space={**study.base_config, "_variant": tune.grid_search(stage1)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        run_config=runner.run_config(args),
+    )
+    results = tuner.fit()
+
+    # Stage 2: self-supervised classification on each seed's frozen drawing model.
+    drawn = {}  # seed -> the drawing model's last checkpoint
+    for result in results:
+        row = {**study.base_config, **result.config["_variant"]}
+        if row["task"] == "draw" and result.error is None and result.checkpoint is not None:
+            drawn[row["seed"]] = runner.checkpoint_file(args, result.checkpoint)
+    missing = [seed for seed in seeds if seed not in drawn]
+    if missing:
+        print(f"no drawing model for seeds {missing}: their self-supervised rows are left out")
+    stage2 = [runner.variant(args, selfsup_preset, **selfsup_fields, seed=seed, pretrained=drawn[seed])
+              for seed in seeds if seed in drawn]
+    name, selfsup = f"{args.name}-selfsup", []
+    if stage2:
+        tuner = runner.restored(args, trainable, name=name) or tune.Tuner(
+            trainable,
+            param_space={**study.base_config, "_variant": tune.grid_search(stage2)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+            run_config=runner.run_config(args, name=name),
+        )
+        selfsup = list(tuner.fit())
+    return runner.finish_study(study, [*results, *selfsup]) or int(bool(missing))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
