@@ -130,3 +130,19 @@ def mnist_root(tmp_path_factory) -> Path:
     for archive in archives:
         shutil.copy2(archive, raw / archive.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory) -> dict:
+    """A real `studies/glimpse_size.py --quick` run (2 epochs, 3 steps each), made once per session.
+
+    The study tests check what it logged; the analysis tests run the notebooks and the report on it.
+    """
+    tmp = tmp_path_factory.mktemp("quick-study")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    command = [sys.executable, "studies/glimpse_size.py", "--quick", "--tracking-uri", uri, "--storage",
+               str(tmp / "ray"), "--name", "t", "--epochs", "2", "--set", "max_steps=3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"quick study failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return {"tmp": tmp, "uri": uri, "name": "t", "stdout": done.stdout}

@@ -509,3 +509,39 @@ def test_notebooks_run_headless(store, tmp_path):
         assert any("image/png" in o.get("data", {}) for o in outputs) or name == "table1", name
     tables = {name: (tmp_path / "table1" / f"table{name}.md").read_text() for name in ("1a", "1b")}
     assert tables == {name: t.markdown for name, t in R.table1(R.load_runs("table", store["uri"]), 5).items()}
+
+
+@pytest.mark.slow
+def test_notebooks_and_report_on_a_real_quick_study(quick_study, tmp_path):
+    """What a user does after the README's main job: the report and the notebooks on its store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from analysis.notebooks import run_notebook
+
+    uri = quick_study["uri"]
+    runs = R.load_runs("t", uri)
+    assert len(runs) == 4 and sorted(runs["glimpse_size"]) == [6, 6, 8, 8]
+    done = _report("--study", "t", "--tracking-uri", uri, "--out", str(tmp_path / "report"), "--no-log")
+    assert done.returncode == 0, done.stderr
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert list(summary["glimpse_size"]) == [6, 8] and list(summary["n"]) == [2, 2]
+    for size, row in summary.set_index("glimpse_size").iterrows():
+        errors = runs.loc[runs["glimpse_size"] == size, "test_error"]
+        assert row["test_error_mean"] == pytest.approx(errors.mean())
+        assert row["test_error_std"] == pytest.approx(errors.std(ddof=1))
+    assert {"table.md", "table.tex", "ablation_glimpse_size.png", "ablation_glimpse_size.svg"} <= {
+        p.name for p in (tmp_path / "report").iterdir()}
+
+    def run(name):
+        params = {"tracking_uri": uri, "study": "t", "out_dir": str(tmp_path / name)}
+        if name != "table1":
+            params["cache_dir"] = str(tmp_path / "cache" / name)
+        return run_notebook(REPO / "analysis" / f"{name}.ipynb", params, tmp_path / f"{name}.ipynb")
+
+    with ThreadPoolExecutor(3) as pool:
+        executed = dict(zip(NOTEBOOKS, pool.map(run, NOTEBOOKS)))
+    for name, notebook in executed.items():
+        outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"], name
+        assert any((tmp_path / name).iterdir()), f"{name} wrote no figure or table"
+    assert (tmp_path / "ablations" / "ablation_glimpse_size.png").exists()

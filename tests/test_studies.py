@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +53,9 @@ def study_runs(uri: str, name: str):
 
 
 @pytest.mark.slow
-def test_glimpse_size_quick_end_to_end(tmp_path):
-    started = time.monotonic()
-    done = run_study("glimpse_size.py", tmp_path, "--epochs", "2", *STEP_CAP)
-    client, parent, children = study_runs(f"sqlite:///{tmp_path}/mlflow.db", "t")
+def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
+    # the shared session run: studies/glimpse_size.py --quick --epochs 2 --set max_steps=3 (see conftest)
+    client, parent, children = study_runs(quick_study["uri"], "t")
 
     assert parent.data.params["seeds"] == "2" and parent.data.params["swept"] == "glimpse_size"
     assert parent.data.params["quick"] == "True" and parent.data.params["epochs"] == "2"
@@ -88,10 +86,9 @@ def test_glimpse_size_quick_end_to_end(tmp_path):
         report = json.loads((folder / "stability.json").read_text())
         assert report["ok"] and not report["diverged"] and len(report["history"]) == 2
 
-    lines = [line for line in done.stdout.splitlines() if "glimpse_size=" in line and "seed=" in line]
+    lines = [line for line in quick_study["stdout"].splitlines() if "glimpse_size=" in line and "seed=" in line]
     assert len(lines) == 4 and all("stable" in line and "test_error=0." in line for line in lines)
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in done.stdout
-    print(f"glimpse_size --quick: {time.monotonic() - started:.0f} s")
+    assert f"mlflow ui --backend-store-uri {quick_study['uri']}" in quick_study["stdout"]
 
 
 @pytest.mark.slow
