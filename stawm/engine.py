@@ -6,10 +6,14 @@ MLflow, the CLI, a benchmark) consumes the records; the loop knows none of them.
 The step keeps no Python-side state and has no shape-dependent branches: training batches are full
 (drop_last), statistics stay on the device until the epoch ends (no `.item()` per step), so the same
 step can be compiled or graph-captured.
+
+Speed options (`train(..., compile=, precision=)`) change how the model runs, never what it computes
+by default: with compile="none" and precision="fp32" the loop is the plain eager one, bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -17,7 +21,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,10 +29,12 @@ import torch.nn as nn
 
 from .config import Config
 from .data import DataBundle, iterate_batches, load_data, prepare_batch
-from .model import STAWM
+from .model import STAWM, Output
 from .stability import StabilityMonitor, step_bound_ratio
 
 CHECKPOINT = "checkpoint.pt"
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # torch.compile modes; none = eager
+PRECISIONS = ("fp32", "bf16")  # bf16 = autocast of the forward pass (the loss, W's sums and Adam stay fp32)
 
 
 class CheckpointError(RuntimeError):
@@ -59,6 +65,59 @@ def lr_factor(cfg: Config, epoch: int) -> float:
     if cfg.lr_schedule == "paper":  # exponential 0.99 and divided by ten at each milestone
         factor *= 0.1 ** sum(epoch >= m for m in cfg.lr_milestones)
     return factor
+
+
+# --- speed options ------------------------------------------------------------------------------
+
+
+def check_speed_options(compile: str, precision: str) -> None:
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is not allowed: choose one of {list(COMPILE_MODES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not allowed: choose one of {list(PRECISIONS)}")
+
+
+def model_forward(model: nn.Module, device: torch.device, *, compile: str = "none",
+                  precision: str = "fp32") -> Callable | None:
+    """The callable that runs `model` under the speed options; None for the plain eager fp32 call.
+
+    Only the model is compiled, with static shapes (training batches are full, so one graph serves
+    every step; evaluation recompiles once for eval mode and once for a smaller last batch). The loss
+    stays eager: compiled with the forward, inductor returned it without a grad_fn (torch 2.14:
+    `new_zeros(()) + 1.0 * nll` returned beside `nll.detach()`). State dicts and checkpoints keep
+    using `model` itself, so their keys do not change.
+    """
+    check_speed_options(compile, precision)
+    if compile == "none" and precision == "fp32":
+        return None
+    run = model if compile == "none" else new_step(torch.compile(model, mode=compile, dynamic=False))
+    if precision == "fp32":
+        return run
+
+    def forward(x: torch.Tensor):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = run(x)
+        return to_fp32(out)
+
+    return forward
+
+
+def new_step(compiled: Callable) -> Callable:
+    """Each call starts a new step for CUDA graphs (reduce-overhead, max-autotune): the previous step's
+    outputs have been consumed by then, so their memory may be reused."""
+
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
+
+    return call
+
+
+def to_fp32(out: Output) -> Output:
+    """Outputs back to float32 after autocast, so the loss is reduced in fp32 on every device
+    (CPU autocast leaves log_softmax in bf16; CUDA's already returns it in fp32)."""
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return Output(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in fields.items()})
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -102,9 +161,12 @@ def clip_gradients(params: list[nn.Parameter], cfg: Config) -> None:
 
 
 def train_step(model: STAWM, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], x: torch.Tensor,
-               target: torch.Tensor, labels: torch.Tensor, stats: EpochStats) -> None:
-    """One optimiser step; folds this batch's statistics into `stats` on the device."""
-    out = model(x)
+               target: torch.Tensor, labels: torch.Tensor, stats: EpochStats, forward: Callable | None = None) -> None:
+    """One optimiser step; folds this batch's statistics into `stats` on the device.
+
+    forward: what runs the model (`model_forward`'s compiled or autocast callable); None runs `model`.
+    """
+    out = model(x) if forward is None else forward(x)
     loss, parts = model.loss(out, target, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -124,14 +186,15 @@ def train_step(model: STAWM, optimizer: torch.optim.Optimizer, params: list[nn.P
 
 
 @torch.no_grad()
-def evaluate(model: STAWM, split, cfg: Config, data: DataBundle) -> dict[str, float]:
+def evaluate(model: STAWM, split, cfg: Config, data: DataBundle, forward: Callable | None = None) -> dict[str, float]:
     """Error (classification) and reconstruction (drawing) over a whole split, in eval mode."""
     model.eval()
     errors = torch.zeros((), device=split.images.device)
     recon = torch.zeros((), device=split.images.device)
     for images, labels in iterate_batches(split, cfg.batch_size, generator=None, shuffle=False, drop_last=False):
         x01 = prepare_batch(images, augment="none", generator=None)
-        out = model(to_model_input(x01, cfg, data))
+        x = to_model_input(x01, cfg, data)
+        out = model(x) if forward is None else forward(x)
         if out.log_probs is not None:
             errors += (out.log_probs.argmax(1) != labels).sum()
         if out.canvas is not None:
@@ -221,18 +284,22 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
           checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-          data: DataBundle | None = None) -> Iterator[dict]:
+          data: DataBundle | None = None, compile: str = "none", precision: str = "fp32") -> Iterator[dict]:
     """Train `cfg` and yield one record per epoch (the checkpoint of that epoch is already on disk).
 
     resume=True continues from checkpoint_dir's checkpoint when there is one (epochs already done are
     not yielded again). A record with diverged=True (non-finite loss, gradients or W) is the last.
+    Speed options: compile (one of COMPILE_MODES: torch.compile of the model, static shapes) and
+    precision ("bf16": autocast of the forward pass); the defaults run the plain eager fp32 loop.
     """
+    check_speed_options(compile, precision)
     device = torch.device(device)
     generator = seed_everything(cfg.seed, device)
     if data is None:
         data = load_data(cfg.dataset, data_root, validation_size=cfg.validation_size, split_seed=0,
                          image_size=cfg.image_size, device=device)
     model, params, optimizer, scheduler = build(cfg, device)
+    forward = model_forward(model, device, compile=compile, precision=precision)
     monitor = StabilityMonitor(cfg)
     start_epoch = 0
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
@@ -249,7 +316,7 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | P
 
     model.train()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        record = run_epoch(model, params, optimizer, data, cfg, generator, epoch, progress)
+        record = run_epoch(model, params, optimizer, data, cfg, generator, epoch, progress, forward)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         rates = model.memory.rates()
@@ -261,7 +328,7 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | P
         )
         diverged = monitor.diverged
         if not diverged:
-            record.update(evaluation_metrics(model, cfg, data))
+            record.update(evaluation_metrics(model, cfg, data, forward))
         record.update(rates, lr=lr, max_w=float(stats.max_w), max_readout=float(stats.max_readout),
                       peak_memory_mb=peak_memory_mb(device), stability_ok=verdict["ok"],
                       stability_flags=verdict["failed"], diverged=diverged, stability=monitor.report())
@@ -277,15 +344,16 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | P
             return
 
 
-def evaluation_metrics(model: STAWM, cfg: Config, data: DataBundle) -> dict[str, float]:
+def evaluation_metrics(model: STAWM, cfg: Config, data: DataBundle,
+                       forward: Callable | None = None) -> dict[str, float]:
     metrics = {}
-    test = evaluate(model, data.test, cfg, data)
+    test = evaluate(model, data.test, cfg, data, forward)
     if "error" in test:
         metrics["test_error"] = test["error"]
     if "recon_loss" in test:
         metrics["test_recon_loss"] = test["recon_loss"]
     if data.val is not None:
-        val = evaluate(model, data.val, cfg, data)
+        val = evaluate(model, data.val, cfg, data, forward)
         if "error" in val:
             metrics["val_error"] = val["error"]
         if "recon_loss" in val:
@@ -294,7 +362,7 @@ def evaluation_metrics(model: STAWM, cfg: Config, data: DataBundle) -> dict[str,
 
 
 def run_epoch(model, params, optimizer, data: DataBundle, cfg: Config, generator, epoch: int,
-              progress: bool) -> dict:
+              progress: bool, forward: Callable | None = None) -> dict:
     """One pass over the training set; returns the epoch's training metrics (+ the raw stats)."""
     device = data.train.images.device
     stats = EpochStats.zeros(device)
@@ -310,7 +378,7 @@ def run_epoch(model, params, optimizer, data: DataBundle, cfg: Config, generator
         if step == steps:
             break
         x01 = prepare_batch(images, augment=cfg.augment, generator=generator, rotation_degrees=cfg.rotation_degrees)
-        train_step(model, optimizer, params, to_model_input(x01, cfg, data), x01, labels, stats)
+        train_step(model, optimizer, params, to_model_input(x01, cfg, data), x01, labels, stats, forward)
         if bar is not None:
             bar.update(1)
     if device.type == "cuda":
