@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import PRESETS, ConfigError, preset
 from .data import DATASETS, MissingDataError
-from .engine import CHECKPOINT, CheckpointError, final_metrics, train
+from .engine import CHECKPOINT, COMPILE_MODES, PRECISIONS, CheckpointError, final_metrics, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=DATASETS, help="dataset (default: the preset's)")
     p.add_argument("--data-root", help="dataset folder (default: $STAWM_DATA or ~/.cache/stawm)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile mode for the model (default: none, plain eager); a GPU option")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16 autocasts the forward pass (default: fp32; see BENCHMARKS.md before using bf16)")
     p.add_argument("--checkpoint-dir", type=Path,
                    help="where the per-epoch checkpoint goes (default: runs/PRESET-seedSEED)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run whose checkpoint is in DIR")
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
     records = []
     try:
         for record in train(cfg, device=args.device, data_root=args.data_root, checkpoint_dir=checkpoint_dir,
-                            resume=args.resume is not None, progress=progress):
+                            resume=args.resume is not None, progress=progress, compile=args.compile,
+                            precision=args.precision):
             records.append(record)
             print(summary_line(record), flush=True)
     except (MissingDataError, CheckpointError) as err:
