@@ -68,8 +68,6 @@ def _baseline(text: str | None) -> dict | None:
 
 def write_report(args: argparse.Namespace) -> list[Path]:
     """Every report file for the study, written into args.out; returns their paths."""
-    import pandas as pd
-
     from analysis import results as R
 
     runs, info = R.load_study(args.study, args.tracking_uri)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 TASKS = ("classify", "draw", "sketchpad", "selfsup")
 DATASETS = ("mnist", "mnist-sample", "cifar10", "celeba")

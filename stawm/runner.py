@@ -7,7 +7,7 @@ A study (studies/*.py) reads top to bottom:
     runner.check_grid(args, grid)                                  # every combination is a valid Config
     study = runner.start_study(args, swept=list(grid))             # Ray up, storage checked, MLflow parent run
     space = {**study.base_config, "glimpse_size": tune.grid_search(grid["glimpse_size"]),
-             "seed": tune.grid_search(runner.seeds(args))}
+             **runner.seed_space(args)}                            # a seed grid, or with --fuse-seeds `_seeds`
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(        # --resume continues a saved study
         trainable, param_space=space, tune_config=tune.TuneConfig(...), run_config=runner.run_config(args))
@@ -15,9 +15,13 @@ A study (studies/*.py) reads top to bottom:
 
 The MLflow schema below is what the results library (analysis/) reads; keep it exact.
 - Experiment = the study's name. One parent run per study, tags `stawm.role=study`, `stawm.study`;
-  params `seeds`, `swept` (config fields the study varies, seed excluded) and the study's flags.
-- One child run per Tune trial, keyed to the trial id so that a retried trial or a restored study
-  continues its run instead of opening a second one. Tags `mlflow.parentRunId`, `stawm.role=trial`,
+  params `seeds`, `swept` (config fields the study varies, seed excluded) and the study's flags;
+  with `--gpus-per-trial auto` also `gpu_fraction` (the share chosen) and, when a GPU was probed,
+  `probe_peak_mb`, `probe_overhead_mb`, `gpu_total_mb` (see `gpu_fraction`).
+- One child run per Tune trial and member, keyed to the trial id (and member) so that a retried trial
+  or a restored study continues its run instead of opening a second one. A plain trial has one
+  member; a trial of fused seeds (--fuse-seeds) one per seed, each tagged `stawm.member` (its index)
+  besides the trial id they share. Tags `mlflow.parentRunId`, `stawm.role=trial`,
   `stawm.study`, `stawm.preset`, `stawm.seed`, `stawm.trial_id`, `stawm.git_commit`, `stawm.host`,
   `stawm.gpu`, and the verdict `stability.ok`, `stability.flags`, `stability.static_ok`,
   `stability.diverged` (kept current every epoch). Params = `Config.to_flat()`. Metrics with
@@ -48,6 +52,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs
 import ray
@@ -60,6 +65,7 @@ from . import preflight
 from .config import PRESETS, Config, ConfigError, preset
 from .data import MissingDataError, load_data
 from .engine import CHECKPOINT, train
+from .fused import FUSED_CHECKPOINT, train_fused
 from .stability import StabilityMonitor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +79,17 @@ RUNNER_KEYS = {
     "_data_root": "dataset folder (absolute: Tune moves each trial into its own directory)",
     "_device": "cpu or cuda",
     "_gpu_fraction": "share of a GPU per trial; below 1 the trial caps its CUDA memory to it",
+    "_gpu_overhead_mb": "CUDA memory a trial's process holds outside torch's allocator (probed); off its cap",
+    "_fuse_seeds": "--fuse-seeds was given: a trial without `_seeds` is an error (the study cannot fuse)",
+    "_seeds": "the seeds one trial trains fused (stawm.fused), one member and MLflow run each",
     "_variant": "dict of config fields set on top of the rest (explicit lists of configurations)",
     "_fail_once_at_epoch": "FAULT INJECTION FOR TESTS ONLY: raise at this epoch (>= 2) on a trial's first attempt",
 }
 ERROR_METRICS = ("test_error", "val_error")
 QUICK = dict(preset="tiny", seeds=2, epochs=1, dataset="mnist-sample")  # a few minutes on 2 CPU cores
+GPU_SAFETY = 1.25  # on the probe's peak: a few steps of the base config, not a whole epoch of every trial
+MAX_TRIALS_PER_GPU = 8  # processes time-slice a GPU (../shared/PITFALLS.md): more add no throughput
+PROBE_STEPS = 5
 
 
 # --- flags --------------------------------------------------------------------------------------
@@ -96,8 +108,14 @@ class StudyArgs:
     seeds: int = _help("seeds per configuration: 0..SEEDS-1 (default: 5; 2 with --quick)", default=0)
     epochs: int = _help("epochs per trial (default: the preset's, i.e. the paper's; 1 with --quick)", default=0)
     quick: bool = _help("small mode: tiny preset on mnist-sample, 1 epoch, 2 seeds, a small grid", default=False)
-    gpus_per_trial: float = _help("GPUs per trial; a fraction packs trials on one GPU and caps each one's "
-                                  "CUDA memory to it", default=0.0)
+    gpus_per_trial: float | str = _help(
+        "GPUs per trial; a fraction packs trials on one GPU and caps each one's CUDA memory to it. auto: "
+        f"the share a {PROBE_STEPS}-step probe of the base config needs (its peak CUDA memory x {GPU_SAFETY} "
+        f"plus the process's own, rounded up to 1/k, at most {MAX_TRIALS_PER_GPU} trials per GPU); "
+        "0 when the cluster has no GPU", default=0.0)
+    fuse_seeds: bool = _help("one Tune trial per configuration trains all its seeds fused in one process "
+                             "(stawm.fused), each seed still its own MLflow run; for studies that take "
+                             "their seeds from runner.seed_space", default=False)
     cpus_per_trial: float = _help("CPUs per trial", default=1.0)
     max_concurrent: int = _help("most trials running at once (default: as many as the resources allow)", default=0)
     name: str = _help("the study's name: MLflow experiment, parent run and Ray experiment "
@@ -116,6 +134,7 @@ class StudyArgs:
     changes: dict = field(default_factory=dict)  # what the flags change in any preset (--quick, --epochs, --set)
     config: dict = field(default_factory=dict)  # the validated flat base config: the preset with `changes`
     extra: dict = field(default_factory=dict)  # the study's own flags
+    gpu_choice: dict = field(default_factory=dict)  # --gpus-per-trial auto: what start_study chose, and from what
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,7 +156,8 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
     field and value (by building the Config once), the tracking URI and the storage path.
     """
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    kinds = {"seeds": positive_int, "epochs": positive_int, "max_concurrent": positive_int}
+    kinds = {"seeds": positive_int, "epochs": positive_int, "max_concurrent": positive_int,
+             "gpus_per_trial": gpu_share}
     for f in dataclasses.fields(StudyArgs):
         if "help" not in f.metadata:
             continue
@@ -150,7 +170,7 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
             parser.add_argument(flag, choices=sorted(PRESETS), metavar="NAME",
                                 help=f"{f.metadata['help']}: {', '.join(sorted(PRESETS))}")
         else:
-            kind = kinds.get(f.name, {"int": int, "float": float, "str": str}[f.type])
+            kind = kinds.get(f.name) or {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     own = [a.dest for a in parser._actions]
     if extra is not None:
@@ -162,15 +182,18 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
     args.name = args.name or Path(sys.argv[0]).stem
     args.preset = args.preset or (QUICK["preset"] if args.quick else preset)
     args.seeds = args.seeds or (QUICK["seeds"] if args.quick else 5)
-    if args.device == "auto":
+    auto_gpus = args.gpus_per_trial == "auto"  # share and device are chosen in start_study, once Ray is up
+    if args.device == "auto" and not auto_gpus:
         args.device = "cuda" if args.gpus_per_trial > 0 else "cpu"
     try:
-        if args.device not in ("cpu", "cuda"):
+        if args.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
-        if args.device == "cuda" and args.gpus_per_trial <= 0:
+        if auto_gpus and args.device == "cpu":
+            raise ValueError("--gpus-per-trial auto chooses GPUs: leave --device at auto (or cuda)")
+        if args.device == "cuda" and not auto_gpus and args.gpus_per_trial <= 0:
             raise ValueError("--device cuda needs --gpus-per-trial > 0 (Ray hides GPUs from trials that ask none)")
-        if args.gpus_per_trial < 0 or args.cpus_per_trial <= 0:
-            raise ValueError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+        if args.cpus_per_trial <= 0:
+            raise ValueError("--cpus-per-trial must be > 0")
         changes = {"dataset": QUICK["dataset"], "epochs": QUICK["epochs"]} if args.quick else {}
         if args.epochs:
             changes["epochs"] = args.epochs
@@ -187,6 +210,16 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
     except (ValueError, preflight.PreflightError, MissingDataError) as err:  # ConfigError is a ValueError
         parser.error(str(err))
     return args
+
+
+def gpu_share(text: str) -> float | str:
+    """--gpus-per-trial: `auto` or a number >= 0."""
+    if text == "auto":
+        return text
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be auto or a number >= 0, got {text}")
+    return value
 
 
 def _check_data(config: dict, data_root: str) -> None:
@@ -239,6 +272,12 @@ def seeds(args: StudyArgs) -> list[int]:
     return list(range(args.seeds))
 
 
+def seed_space(args: StudyArgs) -> dict:
+    """The seed axis of a study's search space: one Tune trial per seed, crossed with everything else;
+    with --fuse-seeds, one trial per configuration that trains all the seeds fused (`_seeds`)."""
+    return {"_seeds": seeds(args)} if args.fuse_seeds else {"seed": tune.grid_search(seeds(args))}
+
+
 def _exit(message: str) -> None:
     sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {' '.join(str(message).split())}\n")
     sys.exit(2)
@@ -274,25 +313,102 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -
         _exit(str(err))
     client = MlflowClient(args.tracking_uri)
     experiment_id = _experiment(client, name, args.tracking_uri)
-    parent = None
+    found = None
     if args.resume:
         found = client.search_runs([experiment_id], _filter({"stawm.role": "study", "stawm.study": name}),
                                    max_results=1, order_by=["attributes.start_time DESC"])
-        parent = found[0].info.run_id if found else None
-    if parent is None:
+        found = found[0] if found else None
+    if args.gpus_per_trial == "auto" or args.gpu_choice:
+        _choose_gpus(args, found.data.params if found is not None else {})
+    if found is None:
         parent = client.create_run(experiment_id, run_name=name,
                                    tags={"stawm.role": "study", "stawm.study": name}).info.run_id
         flags = {k: v for k, v in dataclasses.asdict(args).items()
-                 if k not in ("changes", "config", "extra", "set", "resume")}
+                 if k not in ("changes", "config", "extra", "set", "resume", "gpu_choice")}
         params = {**flags, **args.extra, "set": ",".join(args.set), "seeds": args.seeds,
-                  "swept": ",".join(s for s in swept if s != "seed"), "epochs": args.config["epochs"]}
+                  "swept": ",".join(s for s in swept if s != "seed"), "epochs": args.config["epochs"],
+                  **({"gpus_per_trial": "auto", **args.gpu_choice} if args.gpu_choice else {})}
         client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()])
     else:
+        parent = found.info.run_id
         client.update_run(parent, status="RUNNING")
     base = {**args.config, "_study": name, "_experiment_id": experiment_id, "_parent_run_id": parent,
             "_tracking_uri": args.tracking_uri, "_git_commit": _git_commit(), "_data_root": args.data_root,
-            "_device": args.device, "_gpu_fraction": args.gpus_per_trial}
+            "_device": args.device, "_gpu_fraction": args.gpus_per_trial,
+            "_gpu_overhead_mb": args.gpu_choice.get("probe_overhead_mb", 0.0), "_fuse_seeds": args.fuse_seeds}
     return Study(name, parent, experiment_id, args.tracking_uri, list(swept), base)
+
+
+# --- --gpus-per-trial auto: a GPU share from a measured peak --------------------------------------
+
+
+def gpu_fraction(peak_mb: float, total_mb: float, *, overhead_mb: float = 0.0, safety: float = GPU_SAFETY,
+                 max_trials: int = MAX_TRIALS_PER_GPU) -> float:
+    """Each trial's share of a GPU: 1/k for the most trials k (at most `max_trials`) that fit on it.
+
+    A trial needs `peak_mb * safety + overhead_mb` (its allocator's peak with a margin, plus what its
+    process holds outside the allocator: the CUDA context, library handles). k = floor(total / need),
+    so the share is max(need / total, 1 / max_trials) rounded up to the next 1/k: k trials then fill a
+    GPU with no sliver left that no trial could use. A need above the whole GPU still gets 1 (k = 1).
+    E.g. peak 3,000 MiB on 80,000 MiB: need 3,750, 80,000 / 3,750 = 21.3, so 1/21 (with max_trials >= 21).
+    """
+    need = peak_mb * safety + overhead_mb
+    return 1 / max(1, min(max_trials, math.floor(total_mb / need)))
+
+
+def _choose_gpus(args: StudyArgs, previous: dict) -> None:
+    """--gpus-per-trial auto: set the share (and the device) from a probe, once per study; a study that
+    resumes keeps the share its parent run recorded, as its restored trials' configs do."""
+    if not args.gpu_choice:
+        if "gpu_fraction" in previous:
+            args.gpu_choice = {k: float(v) for k, v in previous.items()
+                               if k in ("gpu_fraction", "probe_peak_mb", "probe_overhead_mb", "gpu_total_mb")}
+            how = "as when the study started"
+        elif ray.cluster_resources().get("GPU", 0) < 1:
+            args.gpu_choice = {"gpu_fraction": 0.0}
+            how = "the Ray cluster has no GPU, so trials run on the CPU"
+        else:
+            probe = ray.get(_probe.remote(_probe_configs(args), args.data_root, fused=args.fuse_seeds))
+            fraction = gpu_fraction(probe["peak_mb"], probe["total_mb"], overhead_mb=probe["overhead_mb"])
+            args.gpu_choice = {"gpu_fraction": fraction, "probe_peak_mb": round(probe["peak_mb"], 1),
+                               "probe_overhead_mb": round(probe["overhead_mb"], 1),
+                               "gpu_total_mb": round(probe["total_mb"], 1)}
+            how = (f"measured on {probe['gpu']} in {PROBE_STEPS} steps: peak {probe['peak_mb']:.0f} MiB allocated "
+                   f"+ {probe['overhead_mb']:.0f} MiB outside the allocator, of {probe['total_mb']:.0f} MiB; "
+                   f"{round(1 / fraction)} trials per GPU")
+        print(f"--gpus-per-trial auto: {args.gpu_choice['gpu_fraction']:.4g} GPU per trial ({how})", flush=True)
+    args.gpus_per_trial = args.gpu_choice["gpu_fraction"]
+    if args.device == "cuda" and args.gpus_per_trial == 0:
+        ray.shutdown()
+        _exit("--device cuda, but the Ray cluster has no GPU")
+    args.device = "cuda" if args.gpus_per_trial > 0 else "cpu"
+
+
+def _probe_configs(args: StudyArgs) -> list[dict]:
+    """What a trial of the study trains, cut to PROBE_STEPS steps: the base config, over every seed if fused.
+
+    The base config only: a grid that makes trials bigger (glimpse_size, memory_size) needs more; the
+    cap then stops the bigger trial (out of memory, loudly) rather than its neighbours."""
+    flat = {**args.config, "epochs": 1, "max_steps": PROBE_STEPS}
+    return [{**flat, "seed": seed} for seed in seeds(args)] if args.fuse_seeds else [flat]
+
+
+@ray.remote(num_gpus=1, max_calls=1)  # a GPU of its own; max_calls=1: the process exits and frees it
+def _probe(flat_cfgs: list[dict], data_root: str, fused: bool) -> dict:
+    """Train the configs (fused, or the one plain) for one capped epoch on a GPU; the CUDA memory that took.
+
+    Untested here: the machines the tests run on have no GPU (BENCHMARKS.md, "GPU: to be measured")."""
+    cfgs = [Config.from_flat(flat) for flat in flat_cfgs]
+    torch.cuda.reset_peak_memory_stats(0)
+    if fused:
+        for _ in train_fused(cfgs, device="cuda", data_root=data_root or None):
+            pass
+    else:
+        for _ in train(cfgs[0], device="cuda", data_root=data_root or None):
+            pass
+    free, total = torch.cuda.mem_get_info(0)  # counts every process on the GPU: errs towards fewer trials
+    return {"peak_mb": torch.cuda.max_memory_allocated(0) / 2**20, "total_mb": total / 2**20,
+            "overhead_mb": (total - free - torch.cuda.memory_reserved(0)) / 2**20, "gpu": torch.cuda.get_device_name(0)}
 
 
 def _experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -387,7 +503,7 @@ def finish_study(study: Study, results) -> int:
     for result in results:
         trial_id = result.metrics.get("trial_id")  # absent if the trial never reported
         if trial_id:
-            _close_stopped_run(client, study, trial_id, result)
+            _close_stopped_runs(client, study, trial_id, result)
         errors += result.error is not None
         print("  " + _summary_line(result, study.swept, trial_id or Path(result.path).name))
     client.set_terminated(study.parent_run_id, "FAILED" if errors else "FINISHED")
@@ -397,28 +513,34 @@ def finish_study(study: Study, results) -> int:
     return 1 if errors else 0
 
 
-def _close_stopped_run(client: MlflowClient, study: Study, trial_id: str, result) -> None:
-    """End a run left RUNNING: a trial stopped by a scheduler (ASHA) may be killed inside `tune.report`
-    before it closes its run; a trial whose process died (a lost node, out of memory) cannot."""
+def _close_stopped_runs(client: MlflowClient, study: Study, trial_id: str, result) -> None:
+    """End the trial's runs left RUNNING: a trial stopped by a scheduler (ASHA) may be killed inside
+    `tune.report` before it closes its runs; a trial whose process died (a lost node, out of memory) cannot."""
     runs = client.search_runs([study.experiment_id], _filter({"mlflow.parentRunId": study.parent_run_id,
-                                                              "stawm.trial_id": trial_id}), max_results=1)
-    if not runs or runs[0].info.status != "RUNNING":
+                                                              "stawm.trial_id": trial_id}))
+    running = [run for run in runs if run.info.status == "RUNNING"]
+    if not running:
         return
-    run_id, state = runs[0].info.run_id, {}
+    state = {}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             state = _read_state(Path(folder))
-    if "stability" in state:
-        client.log_dict(run_id, state["stability"], "stability.json")
-    if result.error is None and state.get("epoch", 0) < trial_config(result.config).epochs:
-        client.set_tag(run_id, "stawm.stopped_early", "true")
-    client.set_terminated(run_id, "FAILED" if result.error is not None else "FINISHED")
+    members = _member_states(state) if state else []
+    for run in running:
+        member = int(run.data.tags.get("stawm.member", 0))
+        if member < len(members) and "stability" in members[member]:
+            client.log_dict(run.info.run_id, members[member]["stability"], "stability.json")
+        if result.error is None and state.get("epoch", 0) < trial_config(result.config).epochs:
+            client.set_tag(run.info.run_id, "stawm.stopped_early", "true")
+        client.set_terminated(run.info.run_id, "FAILED" if result.error is not None else "FINISHED")
 
 
 def _summary_line(result, swept: list[str], trial_id: str) -> str:
     config = {**result.config, **result.config.get("_variant", {})}
     if "__trial_index__" in result.config:
         config["seed"] = result.config["__trial_index__"]
+    if "_seeds" in config:  # fused seeds: Tune's numbers are their means (`_fused_tune_metrics`)
+        config["seed"] = ",".join(map(str, config["_seeds"]))
     shown = " ".join(f"{k}={_short(config[k])}" for k in [*swept, "seed"] if k in config)
     if result.error is not None:
         return f"{trial_id}  {shown}  ERROR: {str(result.error).strip().splitlines()[-1]}"
@@ -437,48 +559,76 @@ def _short(value) -> str:
 
 
 def trainable(config: dict) -> None:
-    """One Tune trial: train the flat config, mirror each epoch into its MLflow run and a Tune report.
+    """One Tune trial: train its members, mirror each epoch into their MLflow runs and a Tune report.
 
-    Retried or restored, it continues from its newest checkpoint and into the same MLflow run. A
-    diverging trial stops after its diverged epoch, flagged; the run ends FINISHED. An exception ends
-    the run FAILED and is re-raised so that Tune retries the trial.
+    A plain trial has one member, trained by `engine.train`. A trial whose config lists `_seeds`
+    (--fuse-seeds, `seed_space`) has one member per seed, trained as one fused model by
+    `fused.train_fused`: each member keeps its own MLflow run, seed and stability report, and Tune
+    sees their mean (`_fused_tune_metrics`).
+
+    Retried or restored, it continues from its newest checkpoint and into the same MLflow runs. A
+    diverging member stops after its diverged epoch, flagged; its run ends FINISHED and the other
+    members go on. An exception ends the open runs FAILED and is re-raised so that Tune retries the trial.
     """
-    cfg = trial_config(config)
+    if config.get("_fuse_seeds") and "_seeds" not in config:
+        raise ValueError("--fuse-seeds: this study's search space has no `_seeds`; only studies that take "
+                         "their seed axis from runner.seed_space(args) can fuse seeds")
+    fused = "_seeds" in config
+    cfgs = member_configs(config)
     context = tune.get_context()
     client = MlflowClient(config["_tracking_uri"])
     device, gpu = _device(config)
-    run_id, resumed = _open_run(client, config, cfg, context.get_trial_id(), context.get_trial_name(), gpu)
+    runs = [_open_run(client, config, cfg, context.get_trial_id(), context.get_trial_name(), gpu,
+                      member=k if fused else None) for k, cfg in enumerate(cfgs)]  # (run id, resumed) each
     checkpoint = tune.get_checkpoint()  # None on a trial's first attempt
     fail_at = config.get("_fail_once_at_epoch", 0) if checkpoint is None else 0
     for stale in Path(tempfile.gettempdir()).glob(f"stawm-{context.get_trial_id()}-*"):  # a killed attempt's
         shutil.rmtree(stale, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"stawm-{context.get_trial_id()}-"))
-    state = {"epoch": 0, "stability": StabilityMonitor(cfg).report()}  # before any epoch: the static check
+    members = [{"stability": StabilityMonitor(cfg).report()} for cfg in cfgs]  # before any epoch: the static check
+    epoch, open_runs = 0, {k: run_id for k, (run_id, _) in enumerate(runs)}  # member -> its run, until closed
     try:
         if checkpoint is not None:
             checkpoint, state = _restore_newest(checkpoint, workdir)
-        logged = _last_logged_epoch(client, run_id) if resumed else 0  # killed between a log and its report
-        for record in train(_local_pretrained(cfg), device=device, data_root=config.get("_data_root") or None,
-                            checkpoint_dir=workdir, resume=checkpoint is not None):
-            if record["epoch"] == fail_at:
+            epoch, members = state["epoch"], _member_states(state)
+        _close_stopped(client, open_runs, members)  # stopped before the restart: their runs stay closed
+        logged = [_last_logged_epoch(client, run_id) if resumed else 0  # killed between a log and its report
+                  for run_id, resumed in runs]
+        epochs = _member_epochs(cfgs, fused, device, config.get("_data_root") or None, workdir,
+                                resume=checkpoint is not None) if open_runs else []
+        for records in epochs:
+            epoch = next(record["epoch"] for record in records if record is not None)
+            if epoch == fail_at:
                 raise RuntimeError(f"fault injected at epoch {fail_at} (_fail_once_at_epoch, a test-only knob)")
-            metrics, state = _epoch_state(record, state, workdir)
-            if record["epoch"] > logged:
-                client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), record["epoch"])
-                                                  for k, v in metrics.items()],
-                                 tags=_stability_tags(record["stability"]))
-            tune.report(_tune_metrics(metrics, record, cfg), checkpoint=tune.Checkpoint.from_directory(workdir))
+            results = []  # what Tune would see of each member alone
+            for k, record in enumerate(records):
+                if record is None:  # fused and stopped in an earlier epoch: it diverged
+                    results.append(_tune_metrics({}, {"stability": members[k]["stability"], "diverged": True}, cfgs[k]))
+                    continue
+                metrics, members[k] = _member_epoch(record, members[k])
+                if epoch > logged[k]:
+                    client.log_batch(open_runs[k], metrics=[Metric(key, value, int(time.time() * 1000), epoch)
+                                                            for key, value in metrics.items()],
+                                     tags=_stability_tags(record["stability"]))
+                results.append(_tune_metrics(metrics, record, cfgs[k]))
+            _save_state(workdir, epoch, members, FUSED_CHECKPOINT if fused else CHECKPOINT)
+            tune.report(_fused_tune_metrics(results, config["_seeds"]) if fused else results[0],
+                        checkpoint=tune.Checkpoint.from_directory(workdir))
             checkpoint = _keep_only(tune.get_checkpoint(), checkpoint)  # report returns once it is stored
+            _close_stopped(client, open_runs, members)  # a diverged member: closed, flagged; the rest go on
     except SystemExit:  # Tune stopped the trial inside tune.report (a scheduler's decision): not a failure
         shutil.rmtree(workdir, ignore_errors=True)  # first: Tune may end this process any moment now
-        _close_run(client, run_id, state["stability"], "FINISHED", stopped_early=state["epoch"] < cfg.epochs)
+        for k, run_id in open_runs.items():
+            _close_run(client, run_id, members[k]["stability"], "FINISHED", stopped_early=epoch < cfgs[k].epochs)
         raise
     except BaseException:
-        _close_run(client, run_id, state["stability"], "FAILED")
+        for k, run_id in open_runs.items():
+            _close_run(client, run_id, members[k]["stability"], "FAILED")
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    _close_run(client, run_id, state["stability"], "FINISHED")
+    for k, run_id in open_runs.items():
+        _close_run(client, run_id, members[k]["stability"], "FINISHED")
 
 
 def trial_config(config: dict) -> Config:
@@ -490,18 +640,54 @@ def trial_config(config: dict) -> Config:
     return Config.from_flat(flat)
 
 
-def _epoch_state(record: dict, state: dict, workdir: Path) -> tuple[dict, dict]:
-    """The epoch's metrics (numeric fields + best_test_error) and the runner state saved beside its checkpoint."""
+def member_configs(config: dict) -> list[Config]:
+    """The Configs a trial trains: its one, or with `_seeds` the same config once per seed."""
+    cfg = trial_config(config)
+    return [cfg.replace(seed=seed) for seed in config["_seeds"]] if "_seeds" in config else [cfg]
+
+
+def _member_epochs(cfgs: list[Config], fused: bool, device: str, data_root: str | None, workdir: Path,
+                   resume: bool) -> Iterator[list[dict | None]]:
+    """Per epoch, one record per member: train_fused's list, or engine.train's record as a list of one."""
+    cfgs = [_local_pretrained(cfg) for cfg in cfgs]
+    if fused:
+        yield from train_fused(cfgs, device=device, data_root=data_root, checkpoint_dir=workdir, resume=resume)
+    else:
+        yield from ([record] for record in train(cfgs[0], device=device, data_root=data_root,
+                                                  checkpoint_dir=workdir, resume=resume))
+
+
+def _member_epoch(record: dict, member: dict) -> tuple[dict, dict]:
+    """A member's epoch metrics (numeric fields + best_test_error) and its runner state after the epoch."""
     metrics = {k: float(v) for k, v in record.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
-    best = [v for v in (metrics.get("test_error", math.nan), state.get("best_test_error", math.nan))
+    best = [v for v in (metrics.get("test_error", math.nan), member.get("best_test_error", math.nan))
             if math.isfinite(v)]
     if best:
         metrics["best_test_error"] = min(best)
-    state = {"epoch": record["epoch"], "checkpoint_bytes": (workdir / CHECKPOINT).stat().st_size,
-             "stability": record["stability"], **{k: metrics[k] for k in ("best_test_error",) if k in metrics}}
+    member = {"stability": record["stability"], "stopped": record["diverged"],
+              **{k: metrics[k] for k in ("best_test_error",) if k in metrics}}
+    return metrics, member
+
+
+def _save_state(workdir: Path, epoch: int, members: list[dict], checkpoint: str) -> None:
+    """The runner state beside the epoch's checkpoint: its size (to tell a whole copy) and each member's state."""
+    state = {"epoch": epoch, "checkpoint": checkpoint, "checkpoint_bytes": (workdir / checkpoint).stat().st_size,
+             "members": members}
     (workdir / RUNNER_STATE).write_text(json.dumps(state))
-    return metrics, state
+
+
+def _member_states(state: dict) -> list[dict]:
+    """Each member's state in a runner state (one written before fused trials holds one member, flat)."""
+    if "members" in state:
+        return state["members"]
+    return [{k: state[k] for k in ("stability", "best_test_error") if k in state}]
+
+
+def _close_stopped(client: MlflowClient, open_runs: dict[int, str], members: list[dict]) -> None:
+    """Close the runs of members that stopped (diverged): FINISHED, their verdict in the tags."""
+    for k in [k for k in open_runs if members[k].get("stopped")]:
+        _close_run(client, open_runs.pop(k), members[k]["stability"], "FINISHED")
 
 
 def _local_pretrained(cfg: Config) -> Config:
@@ -529,14 +715,20 @@ def _device(config: dict) -> tuple[str, str]:
     torch.cuda.reset_peak_memory_stats(0)  # peak_memory_mb is this trial's, also when Tune reuses the process
     fraction = float(config.get("_gpu_fraction") or 1.0)
     if fraction < 1.0:  # Ray only set CUDA_VISIBLE_DEVICES; nothing else stops a trial taking the whole GPU
-        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+        # the cap binds torch's allocator only: what the process holds besides (CUDA context) comes off it
+        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+        torch.cuda.set_per_process_memory_fraction(fraction - float(config.get("_gpu_overhead_mb", 0)) / total_mb, 0)
     return "cuda", torch.cuda.get_device_name(0)
 
 
 def _open_run(client: MlflowClient, config: dict, cfg: Config, trial_id: str, trial_name: str,
-              gpu: str) -> tuple[str, bool]:
-    """The trial's child run: continued if one is tagged with this trial id, else created."""
+              gpu: str, member: int | None = None) -> tuple[str, bool]:
+    """The child run of the trial (or of its member, when fused): continued if one is tagged with this
+    trial id (and member index), else created. Returns the run id and whether it was continued."""
     keys = {"mlflow.parentRunId": config["_parent_run_id"], "stawm.trial_id": trial_id}
+    if member is not None:
+        keys["stawm.member"] = str(member)
+        trial_name = f"{trial_name}_seed{cfg.seed}"
     found = client.search_runs([config["_experiment_id"]], _filter(keys), max_results=1)
     where = [RunTag("stawm.host", socket.gethostname()), RunTag("stawm.gpu", gpu)]  # a retry may move
     if found:
@@ -594,11 +786,11 @@ def _restore_newest(checkpoint: tune.Checkpoint, workdir: Path) -> tuple[tune.Ch
 
 
 def _complete_state(fs, path: str) -> dict | None:
-    """The runner state of a checkpoint folder whose checkpoint.pt is whole (a copy cut short is not)."""
+    """The runner state of a checkpoint folder whose checkpoint file is whole (a copy cut short is not)."""
     try:
         with fs.open_input_stream(f"{path}/{RUNNER_STATE}") as stream:
             state = json.loads(stream.read())
-        size = fs.get_file_info(f"{path}/{CHECKPOINT}").size
+        size = fs.get_file_info(f"{path}/{state.get('checkpoint', CHECKPOINT)}").size
     except (OSError, ValueError):
         return None
     return state if size is not None and size == state.get("checkpoint_bytes") else None
@@ -613,7 +805,7 @@ def _keep_only(latest: tune.Checkpoint, previous: tune.Checkpoint | None) -> tun
 
 def _drop_payload(fs, path: str) -> None:
     """Empty an older checkpoint folder, keeping the folder: Tune's saved state may still name it."""
-    for name in (RUNNER_STATE, CHECKPOINT):
+    for name in (RUNNER_STATE, CHECKPOINT, FUSED_CHECKPOINT):
         try:
             fs.delete_file(f"{path}/{name}")
         except FileNotFoundError:
@@ -637,3 +829,22 @@ def _tune_metrics(metrics: dict, record: dict, cfg: Config) -> dict:
         for key in ERROR_METRICS if cfg.validation_size > 0 else ERROR_METRICS[:1]:
             result.setdefault(key, 1.0)
     return result
+
+
+def _fused_tune_metrics(results: list[dict], seeds: list[int]) -> dict:
+    """What Tune sees of a trial of fused seeds, from what each member alone would report (`_tune_metrics`).
+
+    Each number every member has, averaged over the members, and each error metric per seed beside it
+    (`test_error_seed3`). A member that stopped counts as diverged (error 1), as its own trial would:
+    averaged over the live members only, a configuration would look better as its seeds diverge. The
+    verdict holds for all: stable only if every member is, diverged once every member has.
+    """
+    numbers = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and all(k in r for r in results)]
+    report = {k: sum(r[k] for r in results) / len(results) for k in numbers}
+    for key in (k for k in ERROR_METRICS if k in report):
+        report.update({f"{key}_seed{seed}": r[key] for seed, r in zip(seeds, results)})
+    flags = sorted({flag for r in results for flag in r["stability_flags"].split(",") if flag})
+    return {**report, "stability_ok": all(r["stability_ok"] for r in results), "stability_flags": ",".join(flags),
+            "static_ok": all(r["static_ok"] for r in results), "diverged": all(r["diverged"] for r in results),
+            "members_diverged": sum(r["diverged"] for r in results)}

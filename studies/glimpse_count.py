@@ -29,7 +29,7 @@ def main() -> int:
     space = {
         **study.base_config,
         "glimpses": tune.grid_search(grid["glimpses"]),
-        "seed": tune.grid_search(runner.seeds(args)),
+        **runner.seed_space(args),
     }
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(

@@ -8,6 +8,7 @@ validation says so.
     python studies/glimpse_size.py                     # the study: 5 sizes x 5 seeds, 200 epochs each
     python studies/glimpse_size.py --quick             # small mode: tiny preset, sizes 6 and 8, 2 seeds, 1 epoch
     python studies/glimpse_size.py --resume            # continue after a crash or a stop
+    python studies/glimpse_size.py --fuse-seeds --gpus-per-trial auto  # one trial per size, its seeds fused
 """
 
 import sys
@@ -31,7 +32,7 @@ def main() -> int:
     space = {
         **study.base_config,
         "glimpse_size": tune.grid_search(grid["glimpse_size"]),
-        "seed": tune.grid_search(runner.seeds(args)),
+        **runner.seed_space(args),  # seed: tune.grid_search(seeds), or with --fuse-seeds _seeds: seeds
     }
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(

@@ -36,7 +36,7 @@ def main() -> int:
         **study.base_config,
         "learnable_rates": tune.grid_search(grid["learnable_rates"]),
         "_variant": tune.grid_search(settings),  # the initial rates, one dict per setting
-        "seed": tune.grid_search(runner.seeds(args)),
+        **runner.seed_space(args),
     }
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(

@@ -48,7 +48,7 @@ def main() -> int:
         runner.check_grid(args, GRID)
         rates = {name: tune.grid_search(values) for name, values in GRID.items()}
     study = runner.start_study(args, swept=["delta", "eta", "theta"])
-    space = {**study.base_config, "learnable_rates": False, **rates, "seed": tune.grid_search(runner.seeds(args))}
+    space = {**study.base_config, "learnable_rates": False, **rates, **runner.seed_space(args)}
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,

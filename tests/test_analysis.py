@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from analysis import results as R
 from stawm.config import preset

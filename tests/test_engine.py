@@ -1,6 +1,5 @@
 """The training engine: seeds, exact resume, checkpoints, schedules, divergence, and a tiny model that learns."""
 
-import math
 
 import pytest
 import torch
