@@ -844,6 +844,8 @@ def plot_stability_map(runs: pd.DataFrame) -> Figure:
     Marker size counts the runs at a point; outcomes at one point are drawn side by side. The
     lines are the `decay` condition (delta = 1) and the `eta_gt_delta` reading (eta = delta).
     """
+    from matplotlib.ticker import NullFormatter
+
     facets = _theta_facets(runs["theta"])
     names = sorted(facets.unique(), key=lambda s: runs.loc[facets == s, "theta"].min())
     fig, axes = _figure(len(names), width=4.2, height=3.8, sharey=True)
@@ -863,6 +865,8 @@ def plot_stability_map(runs: pd.DataFrame) -> Figure:
         if log:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
+        ax.margins(0.15)  # markers at the grid's edges stay whole
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("delta (δ)")
     axes[0].set_ylabel("eta (η)")
