@@ -294,6 +294,8 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | P
     """
     check_speed_options(compile, precision)
     device = torch.device(device)
+    if device.type == "cuda":  # a worker process may run trial after trial: each reports its own peak
+        torch.cuda.reset_peak_memory_stats(device)
     generator = seed_everything(cfg.seed, device)
     if data is None:
         data = load_data(cfg.dataset, data_root, validation_size=cfg.validation_size, split_seed=0,

@@ -103,6 +103,7 @@ def test_selfsup_loads_a_drawing_model():
 
 def test_memory_input_is_nonnegative_and_memory_stays_under_its_bound():
     cfg = shrunk("mnist-class-8")
-    out = STAWM(cfg).eval()(torch.rand(4, 1, 28, 28))
+    with torch.no_grad():
+        out = STAWM(cfg).eval()(torch.rand(4, 1, 28, 28))
     assert float(out.memory.min()) >= 0  # e >= 0 and post >= 0 keep W nonnegative from W = 0
     assert float(out.max_w) <= cfg.eta / cfg.delta * 36
