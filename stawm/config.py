@@ -135,6 +135,18 @@ def _coerce(f: dataclasses.Field, value):
         raise ConfigError(f"{f.name}={value!r} is not a valid {kind.__name__}") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`--set FIELD=VALUE` pairs (the CLI and the studies) -> {field: value}; values stay strings for
+    `Config.from_flat` to type-check, so a bad one is reported naming its field."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is not FIELD=VALUE")
+        result[key.strip()] = value.strip()
+    return result
+
+
 # --- presets (Appendix D) -----------------------------------------------------------------------
 
 _MNIST_DRAW = dict(

@@ -62,7 +62,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from . import preflight
-from .config import PRESETS, Config, ConfigError, preset
+from .config import PRESETS, Config, ConfigError, parse_overrides, preset
 from .data import MissingDataError, load_data
 from .engine import CHECKPOINT, train
 from .fused import FUSED_CHECKPOINT, train_fused
@@ -197,7 +197,7 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
         changes = {"dataset": QUICK["dataset"], "epochs": QUICK["epochs"]} if args.quick else {}
         if args.epochs:
             changes["epochs"] = args.epochs
-        changes.update(_pairs(args.set))
+        changes.update(parse_overrides(args.set))
         args.changes, args.config = changes, preset_config(args.preset, changes)
         args.tracking_uri = preflight.check_tracking_uri(args.tracking_uri or preflight.default_tracking_uri())
         args.storage = preflight.check_storage(args.storage or os.path.abspath("ray_results"))
@@ -228,16 +228,6 @@ def _check_data(config: dict, data_root: str) -> None:
     necessarily the driver's, so this is skipped there."""
     load_data(config["dataset"], data_root or None, validation_size=config["validation_size"],
               image_size=config["image_size"])
-
-
-def _pairs(pairs: list[str]) -> dict[str, str]:
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r} is not FIELD=VALUE")
-        result[key.strip()] = value.strip()
-    return result
 
 
 def preset_config(name: str, changes: dict) -> dict:

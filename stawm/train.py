@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, preset
+from .config import PRESETS, ConfigError, parse_overrides, preset
 from .data import DATASETS, MissingDataError
 from .engine import CHECKPOINT, COMPILE_MODES, PRECISIONS, CheckpointError, final_metrics, train
 
@@ -43,16 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def overrides(pairs: list[str]) -> dict[str, str]:
-    result = {}
-    for pair in pairs:
-        field, sep, value = pair.partition("=")
-        if not sep or not field:
-            raise ConfigError(f"--set {pair!r} is not FIELD=VALUE")
-        result[field.strip()] = value.strip()
-    return result
-
-
 def summary_line(record: dict) -> str:
     parts = [f"epoch {record['epoch']:>3}", f"loss {record['train_loss']:.4f}"]
     for key, fmt in (("train_accuracy", "acc {:.2%}"), ("test_error", "test error {:.2%}"),
@@ -67,7 +57,7 @@ def summary_line(record: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        changes = overrides(args.set)
+        changes = parse_overrides(args.set)
         if args.epochs is not None:
             changes["epochs"] = args.epochs
         if args.dataset is not None:
