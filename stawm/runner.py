@@ -62,7 +62,8 @@ from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from . import preflight
-from .config import PRESETS, Config, ConfigError, parse_overrides, preset
+from .config import PRESETS, Config, ConfigError, preset
+from .schema import parse_pairs
 from .data import MissingDataError, load_data
 from .engine import CHECKPOINT, train
 from .fused import FUSED_CHECKPOINT, train_fused
@@ -197,7 +198,7 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
         changes = {"dataset": QUICK["dataset"], "epochs": QUICK["epochs"]} if args.quick else {}
         if args.epochs:
             changes["epochs"] = args.epochs
-        changes.update(parse_overrides(args.set))
+        changes.update(parse_pairs(args.set))
         args.changes, args.config = changes, preset_config(args.preset, changes)
         args.tracking_uri = preflight.check_tracking_uri(args.tracking_uri or preflight.default_tracking_uri())
         args.storage = preflight.check_storage(args.storage or os.path.abspath("ray_results"))

@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, parse_overrides, preset
+from .config import PRESETS, preset
+from .schema import ParamError, parse_pairs
 from .data import DATASETS, MissingDataError
 from .engine import CHECKPOINT, COMPILE_MODES, PRECISIONS, CheckpointError, final_metrics, train
 
@@ -57,13 +58,13 @@ def summary_line(record: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        changes = parse_overrides(args.set)
+        changes = parse_pairs(args.set)
         if args.epochs is not None:
             changes["epochs"] = args.epochs
         if args.dataset is not None:
             changes["dataset"] = args.dataset
         cfg = preset(args.preset, seed=args.seed, **changes)
-    except ConfigError as err:
+    except ParamError as err:  # ConfigError is one
         print(f"python -m stawm.train: error: {err}", file=sys.stderr)
         return 2
     checkpoint_dir = args.resume or args.checkpoint_dir or Path("runs") / f"{cfg.preset}-seed{cfg.seed}"

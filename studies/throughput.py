@@ -53,7 +53,8 @@ sys.path.insert(0, str(REPO))  # `python studies/throughput.py` from a checkout
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stawm.config import PRESETS, Config, parse_overrides, preset  # noqa: E402
+from stawm.config import PRESETS, Config, preset  # noqa: E402
+from stawm.schema import parse_pairs  # noqa: E402
 from stawm.data import DATASETS, load_data  # noqa: E402
 from stawm.engine import COMPILE_MODES, PRECISIONS, lr_factor, peak_memory_mb, train  # noqa: E402
 from stawm.fused import train_fused  # noqa: E402
@@ -443,7 +444,7 @@ def main(argv=None) -> int:
     if args.worker:  # one packed trial, in its own process
         trial(json.loads(args.worker), lambda metrics: print(json.dumps(metrics), flush=True))
         return 0
-    changes = {**parse_overrides(args.set), "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed}
+    changes = {**parse_pairs(args.set), "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed}
     if args.dataset:
         changes["dataset"] = args.dataset
     if args.quick:

@@ -1,0 +1,135 @@
+"""The MLflow schema: every tag, param, metric and artifact name the runner writes and the results
+library reads, and the one way a param string becomes a value again.
+
+Both sides import these names; neither spells one by hand, so renaming a tag here renames it
+everywhere (tests/test_schema.py fails if a literal creeps back in). This module imports nothing
+from the project, nor torch, Ray or MLflow: the analysis side reads it on a machine without them.
+
+The layout of a study in MLflow:
+- experiment = the study's name;
+- one parent run per study: ROLE = ROLE_STUDY, STUDY; params SEEDS, SWEPT and the study's flags;
+- one child run per Tune trial (and per member of a trial of fused seeds): PARENT_RUN_ID, ROLE =
+  ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, HOST, GPU, the Appendix A verdict
+  (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped it; params = the flat Config; metrics per
+  epoch (step = epoch) under the engine's record keys, BEST_TEST_ERROR beside them; artifacts
+  CONFIG_ARTIFACT and STABILITY_ARTIFACT.
+"""
+
+from __future__ import annotations
+
+import ast
+
+# --- tags -----------------------------------------------------------------------------------------
+
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: nests a trial's run under its study's
+ROLE = "stawm.role"
+ROLE_STUDY = "study"
+ROLE_TRIAL = "trial"
+STUDY = "stawm.study"
+PRESET = "stawm.preset"
+SEED = "stawm.seed"
+TRIAL_ID = "stawm.trial_id"  # the Ray Tune trial id: a retried or restored trial continues its run
+MEMBER = "stawm.member"  # index of a fused seed inside its trial
+GIT_COMMIT = "stawm.git_commit"
+HOST = "stawm.host"
+GPU = "stawm.gpu"
+STOPPED_EARLY = "stawm.stopped_early"  # "true" when a scheduler stopped the trial before its last epoch
+
+STABILITY_OK = "stability.ok"  # "true" unless a non-informational Appendix A condition failed
+STABILITY_FLAGS = "stability.flags"  # the failed conditions, comma-separated ("" if none)
+STABILITY_STATIC_OK = "stability.static_ok"  # passed before training
+STABILITY_DIVERGED = "stability.diverged"  # loss, gradients or W went non-finite
+STABILITY_TAGS = (STABILITY_OK, STABILITY_FLAGS, STABILITY_STATIC_OK, STABILITY_DIVERGED)
+
+# --- params of the parent run ---------------------------------------------------------------------
+
+SEEDS = "seeds"  # seeds per configuration
+SWEPT = "swept"  # config fields the study varies (seed excluded), comma-separated
+
+# --- metrics (step = epoch, 1-based) ----------------------------------------------------------------
+
+TEST_ERROR = "test_error"  # a fraction
+VAL_ERROR = "val_error"
+BEST_TEST_ERROR = "best_test_error"  # running minimum of TEST_ERROR
+TRAIN_LOSS = "train_loss"  # logged every epoch: the last logged epoch of a run is its last TRAIN_LOSS step
+TEST_RECON_LOSS = "test_recon_loss"
+ERROR_METRICS = (TEST_ERROR, VAL_ERROR)
+RATE_METRICS = ("delta", "eta", "theta")  # the memory rates at the end of each epoch (learned when learnable)
+
+# --- artifacts --------------------------------------------------------------------------------------
+
+CONFIG_ARTIFACT = "config.json"  # the flat Config
+STABILITY_ARTIFACT = "stability.json"  # the Appendix A report
+
+# --- values -----------------------------------------------------------------------------------------
+
+TRUE, FALSE = "true", "false"
+
+
+def tag_bool(flag: bool) -> str:
+    """How a boolean tag is written."""
+    return TRUE if flag else FALSE
+
+
+def read_tag_bool(tags: dict, key: str, default: bool) -> bool:
+    """A boolean tag read back; `default` when the run has not written it (yet)."""
+    value = tags.get(key)
+    return default if value is None else value.strip().lower() == TRUE
+
+
+def tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching every tag exactly."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
+class ParamError(ValueError):
+    """A param string (from MLflow or a command line) that is not a valid value of its kind."""
+
+
+def parse_value(name: str, value, kind: type):
+    """A param's value as `kind` (int, float, bool, str, or tuple of ints), from MLflow's string or a plain value.
+
+    Strings are what MLflow gives back for every param and what flags hold: "[64, 128]", "(128,)",
+    "64,128", "True", "1", "0.001", "8". None stays None (a run that did not log the field).
+    Raises ParamError naming the param.
+    """
+    if value is None:
+        return None
+    try:
+        if kind is tuple:
+            if isinstance(value, str):
+                text = value.strip()
+                parsed = ast.literal_eval(text) if text.startswith(("(", "[")) else text.replace(",", " ").split()
+                value = parsed if isinstance(parsed, (list, tuple)) else [parsed]
+            return tuple(_whole(v) for v in value)
+        if kind is bool:
+            if isinstance(value, str):
+                if value.strip().lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.strip().lower() in ("true", "1")
+            return bool(value)
+        if kind is int:
+            return _whole(value)
+        return kind(value)
+    except (TypeError, ValueError, SyntaxError):
+        raise ParamError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _whole(value) -> int:
+    """An int from an int, a whole float or their text ("8", "8.0"); 8.5 is an error, not 8."""
+    number = float(value) if isinstance(value, (str, float)) else value
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def parse_pairs(pairs: list[str], flag: str = "--set") -> dict[str, str]:
+    """FIELD=VALUE strings (a repeatable flag) -> {field: value}; the values stay strings, for
+    `parse_value` to type-check against the field, so a bad one is reported naming its field."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ParamError(f"{flag} {pair!r} is not FIELD=VALUE")
+        result[key.strip()] = value.strip()
+    return result
