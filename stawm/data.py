@@ -360,10 +360,13 @@ def iterate_batches(split: Split, batch_size: int, *, generator: torch.Generator
 # Batch preparation: scale, augment (whole batch on its device), normalise
 # --------------------------------------------------------------------------------------------------
 
-def random_rotate(images: torch.Tensor, degrees: float, generator: torch.Generator | None) -> torch.Tensor:
+def random_rotate(images: torch.Tensor, degrees: float, generator: torch.Generator | None,
+                  interpolation: str = "nearest") -> torch.Tensor:
     """Rotate each image by its own angle, uniform in [-degrees, degrees], about its centre; zeros fill the corners.
 
-    Appendix D's MNIST augmentation. Normalised coordinates make this a true rotation for square images only.
+    Appendix D's MNIST augmentation. interpolation="nearest" picks source pixels as torchvision's
+    RandomRotation does on a PIL image (the authors' pipeline); "bilinear" blends them.
+    Normalised coordinates make this a true rotation for square images only.
     align_corners=False puts the sampling grid on pixel centres, so a zero angle returns the image (up to the
     float32 rounding of the grid coordinates, a few 1e-6). The angles are drawn even at zero degrees, so
     the generator advances the same way whatever the setting.
@@ -373,7 +376,7 @@ def random_rotate(images: torch.Tensor, degrees: float, generator: torch.Generat
     cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, H, W)
+    return F.grid_sample(images, grid, mode=interpolation, padding_mode="zeros", align_corners=False)  # (B, C, H, W)
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -398,7 +401,8 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 
 
 def prepare_batch(images: torch.Tensor, *, augment: str, generator: torch.Generator | None,
-                  rotation_degrees: float = 20.0, mean: Sequence[float] | None = None,
+                  rotation_degrees: float = 20.0, rotation_interpolation: str = "nearest",
+                  mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 (B, C, H, W): scale to [0, 1], augment, then normalise if mean/std are given.
 
@@ -411,7 +415,7 @@ def prepare_batch(images: torch.Tensor, *, augment: str, generator: torch.Genera
         raise TypeError(f"prepare_batch takes uint8 images, got {images.dtype}")
     x = images.float() / 255  # (B, C, H, W)
     if augment == "rotate":
-        x = random_rotate(x, rotation_degrees, generator)
+        x = random_rotate(x, rotation_degrees, generator, rotation_interpolation)
     elif augment == "crop-flip":
         x = random_crop_flip(x, CROP_PADDING, generator)
     if mean is not None or std is not None:

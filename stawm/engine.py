@@ -379,7 +379,8 @@ def run_epoch(model, params, optimizer, data: DataBundle, cfg: Config, generator
     for step, (images, labels) in enumerate(batches):
         if step == steps:
             break
-        x01 = prepare_batch(images, augment=cfg.augment, generator=generator, rotation_degrees=cfg.rotation_degrees)
+        x01 = prepare_batch(images, augment=cfg.augment, generator=generator, rotation_degrees=cfg.rotation_degrees,
+                            rotation_interpolation=cfg.rotation_interpolation)
         train_step(model, optimizer, params, to_model_input(x01, cfg, data), x01, labels, stats, forward)
         if bar is not None:
             bar.update(1)

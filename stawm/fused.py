@@ -57,7 +57,7 @@ FUSIBLE_FIELDS = (
     "delta", "eta", "theta",  # memory buffers (parameters when learnable_rates): stacked per member
     "lr", "lr_schedule", "lr_decay", "lr_milestones",  # the stacked Adam takes one learning rate per member
     "grad_clip",  # one clipping bound per member
-    "augment", "rotation_degrees",  # each member's batch is augmented on its own, with its own generator
+    "augment", "rotation_degrees", "rotation_interpolation",  # each member's batch is augmented on its own, with its own generator
 )
 # Every other field sets a shape, a constant the forward pass reads from the config (dropout, loss
 # scales, beta, temperature), the data (dataset, batch, augmentation) or the loop (epochs, max_steps).
@@ -352,7 +352,8 @@ def run_fused_epoch(stack: FusedStack, data: DataBundle, epoch: int, alive: torc
         labels = torch.stack([b[1] for b in batches])  # (K, B)
         if augmented:  # each member's augmentation from its own generator, as in its plain run
             x01 = torch.stack([prepare_batch(images[k], augment=c.augment, generator=g,
-                                             rotation_degrees=c.rotation_degrees)
+                                             rotation_degrees=c.rotation_degrees,
+                                             rotation_interpolation=c.rotation_interpolation)
                                for k, (c, g) in enumerate(zip(stack.cfgs, stack.generators))])
         else:  # nothing random: one conversion for the whole stack
             x01 = prepare_batch(images.flatten(0, 1), augment="none", generator=None).view(images.shape)

@@ -14,10 +14,15 @@ from .glimpse import warp
 from .networks import TransposeCNN
 
 CANVAS_START = -6.0  # addition canvas starts at -6 so that an empty canvas is black after the sigmoid
+QUERY_BOUND = 6.0  # every query ends in a ReLU6
 
 
 class Query(nn.Module):
-    """Linear(context -> M), ReLU6: the biases learn a static query that the image context modulates."""
+    """Linear(context -> M), dropout, ReLU6: the biases learn a static query that the image context modulates.
+
+    The activation comes last, so a query never exceeds 6 (dropout's 1/(1-p) scaling happens before it):
+    the read-out bound of Appendix A takes that 6 as the query's bound (stability.QUERY_BOUND).
+    """
 
     def __init__(self, context_features: int, memory_size: int, dropout: float = 0.0):
         super().__init__()
@@ -26,7 +31,7 @@ class Query(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         # detached, so that divergent queries do not pollute the context network (Section 3.3)
-        return self.dropout(F.relu6(self.proj(context.detach())))  # (B, M)
+        return F.relu6(self.dropout(self.proj(context.detach())))  # (B, M)
 
 
 class Classifier(nn.Module):
@@ -52,11 +57,12 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def relaxed_bernoulli(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A differentiable Concrete sample (reparameterised logistic noise); -> Bernoulli as tau -> 0."""
-    probs = probs.clamp(1e-6, 1 - 1e-6)
-    u = torch.rand_like(probs).clamp(1e-6, 1 - 1e-6)
-    logits = probs.log() - (-probs).log1p() + u.log() - (-u).log1p()
-    return torch.sigmoid(logits / temperature)
+    """A differentiable Concrete sample (reparameterised logistic noise); -> Bernoulli as tau -> 0.
+
+    torch.distributions' own, as the authors' code calls it (it clamps probabilities at the dtype's eps).
+    validate_args=False: checking that probs lie in [0, 1] would sync the host every step.
+    """
+    return torch.distributions.RelaxedBernoulli(temperature, probs=probs, validate_args=False).rsample()
 
 
 class Drawer(nn.Module):
@@ -72,12 +78,12 @@ class Drawer(nn.Module):
         self.canvas_kind = cfg.canvas
         self.image_size, self.channels = cfg.image_size, cfg.channels
         self.temperature, self.align_corners = cfg.concrete_temperature, cfg.align_corners
-        self.query = Query(context_features, cfg.memory_size)
+        self.eval_sample = cfg.eval_sample  # the authors' models sample in eval mode too
+        self.query = Query(context_features, cfg.memory_size)  # no dropout in any drawing model
         self.latent = nn.Linear(cfg.memory_size, 2 * cfg.latent_size)  # -> (mu, log sigma^2)
         self.expand = nn.Sequential(nn.Linear(cfg.latent_size, decoder_features), nn.ReLU())
         sketch_channels = cfg.channels + (1 if cfg.canvas == "bernoulli" else 0)  # + alpha channel P
-        self.decoder = TransposeCNN(sketch_channels, cfg.glimpse_size, cfg.glimpse_channels, cfg.glimpse_strides,
-                                    cfg.glimpse_kernel)
+        self.decoder = TransposeCNN(cfg, sketch_channels)
 
     def start(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
         start = CANVAS_START if self.canvas_kind == "addition" else 0.0
@@ -87,15 +93,16 @@ class Drawer(nn.Module):
         """One intermediate read and canvas update; returns the new canvas, (mu, logvar), and the read-out."""
         projected = memory.project(W, q)  # (B, M)
         mu, logvar = self.latent(memory.sigma(projected)).chunk(2, dim=1)  # (B, K) each
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if self.training else mu  # reparameterised
-        sketch = self.decoder(self.expand(z))  # (B, C(+1), S, S), logits
+        sample = self.training or self.eval_sample
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if sample else mu  # reparameterised
+        sketch = self.decoder(self.expand(z))  # (B, C(+1), S_d, S_d), logits
         if self.canvas_kind == "addition":
             canvas = canvas + warp(sketch, A_inv, self.image_size, self.align_corners)
         else:
             # warp after the sigmoid: the zeros outside the warped sketch then mean "mask 0, leave the canvas"
             warped = warp(torch.sigmoid(sketch), A_inv, self.image_size, self.align_corners)  # (B, C+1, H, H)
             paint, probs = warped[:, :-1], warped[:, -1:]
-            mask = relaxed_bernoulli(probs, self.temperature) if self.training else probs
+            mask = relaxed_bernoulli(probs, self.temperature) if sample else probs
             canvas = canvas * (1 - mask) + paint * mask
         return canvas, (mu, logvar), projected
 

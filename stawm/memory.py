@@ -57,7 +57,7 @@ class HebbRosenblatt(nn.Module):
         return self.sigma(self.project(W, q))  # (B, M)
 
     def rates(self) -> dict[str, float]:
-        return {"delta": float(self.delta), "eta": float(self.eta), "theta": float(self.theta)}
+        return {name: float(getattr(self, name).detach()) for name in ("delta", "eta", "theta")}
 
     def extra_repr(self) -> str:
         learnable = isinstance(self.delta, nn.Parameter)

@@ -20,7 +20,7 @@ from .config import Config
 from .glimpse import AffineEmitter, glimpse, invert_affine
 from .heads import Classifier, Drawer, gaussian_kl
 from .memory import HebbRosenblatt
-from .networks import ConvNet, MobileNetGlimpse
+from .networks import MobileNetGlimpse, context_net, glimpse_conv_net
 
 
 @dataclass
@@ -42,18 +42,13 @@ class STAWM(nn.Module):
         self.classifies = cfg.task in ("classify", "sketchpad", "selfsup")
         self.draws = cfg.task in ("draw", "sketchpad")  # selfsup keeps the frozen drawer's weights, unused
 
-        self.context_net = ConvNet(cfg.channels, cfg.image_size, cfg.context_channels, cfg.context_strides,
-                                   cfg.context_kernel)
+        self.context_net = context_net(cfg)
         F_c = self.context_net.out_features
         self.context_to_hidden = nn.Sequential(nn.Linear(F_c, Hd), nn.Dropout(cfg.dropout), nn.ReLU())
         self.emission = nn.LSTMCell(Hd, Hd)  # decides where to look next
         self.aggregator = nn.LSTMCell(Hd, Hd)  # collects what the glimpses saw; starts from zeros
         self.emitter = AffineEmitter(Hd, cfg.dropout)
-        if cfg.glimpse_cnn == "mobilenetv2":
-            self.glimpse_net = MobileNetGlimpse(cfg.channels)
-        else:
-            self.glimpse_net = ConvNet(cfg.channels, cfg.glimpse_size, cfg.glimpse_channels, cfg.glimpse_strides,
-                                       cfg.glimpse_kernel)
+        self.glimpse_net = MobileNetGlimpse(cfg.channels) if cfg.glimpse_cnn == "mobilenetv2" else glimpse_conv_net(cfg)
         F_g = self.glimpse_net.out_features
         self.glimpse_to_hidden = nn.Sequential(nn.Linear(F_g, Hd), nn.Dropout(cfg.dropout), nn.ReLU())
         self.what = nn.Linear(Hd, M)
@@ -133,7 +128,7 @@ class STAWM(nn.Module):
         cfg, parts = self.cfg, {}
         loss = targets.new_zeros(())
         if out.log_probs is not None:
-            nll = F.nll_loss(out.log_probs, labels)
+            nll = F.nll_loss(out.log_probs, labels, reduction=cfg.nll_reduction)
             parts["nll"] = nll.detach()
             parts["correct"] = (out.log_probs.argmax(1) == labels).sum()
             loss = loss + cfg.class_loss_scale * nll

@@ -18,6 +18,7 @@ import math
 import torch
 
 from .config import Config
+from .heads import QUERY_BOUND
 from .memory import ACTIVATIONS
 
 # condition -> (kind, what it asks). Informational ones are reported but never fail a run.
@@ -47,7 +48,7 @@ def rate_conditions(delta: float, eta: float, theta: float) -> dict[str, bool]:
 def bounds(cfg: Config, delta: float, eta: float) -> dict[str, float]:
     """Analytic bounds from W = 0 with 0 < delta <= 1 (NOTES, `bound`); inf where they do not hold."""
     lam = ACTIVATIONS[cfg.activation][1]  # Lambda_I = Lambda_II: both memory layers use sigma
-    lam_q = 6.0  # queries pass a ReLU6
+    lam_q = QUERY_BOUND  # every query ends in a ReLU6, after its dropout
     if not (0 < delta <= 1 and math.isfinite(eta)):
         return {"w": math.inf, "readout": math.inf, "eq16": math.inf}
     w = (eta / delta) * lam * lam
@@ -71,7 +72,7 @@ def step_bound_ratio(memory, max_w, max_readout):
     applies = (memory.delta > 0) & (memory.delta <= 1)
     # value * delta / (eta L^2) rather than value / bound: the bound itself overflows float32 for huge eta
     w_ratio = max_w * memory.delta / (memory.eta * lam2)
-    readout_ratio = max_readout * memory.delta / (memory.eta * lam2 * memory.memory_size * 6.0)
+    readout_ratio = max_readout * memory.delta / (memory.eta * lam2 * memory.memory_size * QUERY_BOUND)
     ratio = torch.maximum(w_ratio, readout_ratio)
     return torch.where(applies, ratio, torch.zeros_like(ratio)).detach()
 

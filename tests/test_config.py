@@ -1,5 +1,6 @@
 """Presets, the flat-dict round trip, and validation that names the field, the value and what is allowed."""
 
+import dataclasses
 import math
 
 import pytest
@@ -79,3 +80,55 @@ def test_glimpse_cnn_that_leaves_nothing_is_rejected():
 def test_unstable_rates_are_legal_configs():
     cfg = preset("mnist-class-8", delta=1.5, eta=-0.1, theta=0.0)  # the stability studies explore these
     assert (cfg.delta, cfg.eta) == (1.5, -0.1)
+
+
+def test_presets_follow_the_paper_where_it_speaks_and_the_authors_where_it_is_silent():
+    c8 = preset("mnist-class-8")
+    assert c8.learnable_rates and c8.rotation_interpolation == "nearest" and c8.lr_schedule == "paper"
+    assert not c8.authors_code and c8.query_dropout == 0.5 and c8.nll_reduction == "mean"
+    pad = preset("mnist-sketchpad")  # Appendix D: the glimpse CNN of the 6 x 6 drawing model, S_g = 8
+    assert (pad.glimpse_size, pad.glimpse_channels, pad.glimpses, pad.query_dropout) == (8, (128,), 6, 0.0)
+    assert (pad.nll_reduction, pad.draw_loss_scale, pad.class_loss_scale) == ("sum", 1.0, 1.0)
+    celeba = preset("celeba-draw-32")  # Appendix D's rates and dropout; the authors' blocks
+    assert (celeba.lr, celeba.dropout, celeba.lr_schedule, celeba.epochs, celeba.beta) == (1e-3, 0.3, "exponential", 250, 2.0)
+    assert (celeba.context_padding, celeba.glimpse_padding, celeba.batch_norm, celeba.conv_init) == (
+        (1, 1, 1, 1), (2, 1, 1, 1), False, "default")
+    assert celeba.decoder_output_padding and preset("mnist-draw-8").decoder_order == "mirror"
+    assert not preset("tiny").learnable_rates  # the quick studies' preset keeps its rates fixed
+
+
+# Every field in which the authors' script for a preset differs from the preset (tests/test_model.py checks
+# what each changes in the networks).
+AUTHORS_DIFFERENCES = {
+    "mnist-class-8": {"lr_schedule": "exponential"},
+    "mnist-class-28": {"lr_schedule": "exponential", "glimpses": 8},
+    "mnist-draw-8": {"decoder_order": "forward"},
+    "mnist-sketchpad": {"glimpse_channels": (64, 128), "glimpse_strides": (1, 2), "decoder_order": "forward"},
+    "celeba-draw-32": {"dropout": 0.5, "lr": 1e-4, "lr_schedule": "constant", "epochs": 100,
+                       "decoder_output_padding": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_authors_code_differs_from_the_preset_in_named_fields_only(name):
+    paper, authors = preset(name), preset(name, authors_code=True)
+    differ = {k: v for k, v in dataclasses.asdict(authors).items() if dataclasses.asdict(paper)[k] != v}
+    assert differ == {"authors_code": True, **AUTHORS_DIFFERENCES.get(name, {})}
+    assert Config.from_flat(authors.to_flat()) == authors  # the record round-trips, as MLflow params
+    assert preset(name, authors_code="true") == authors  # as a --set value: the mode, not a bare flag
+
+
+def test_new_fields_are_validated_naming_the_field():
+    with pytest.raises(ConfigError, match=r"context_padding=\(1, 1\) is not allowed: \(\) for none, or one padding"):
+        preset("mnist-class-8", context_padding=(1, 1))
+    with pytest.raises(ConfigError, match="conv_init='he' is not allowed: choose one of"):
+        preset("mnist-class-8", conv_init="he")
+    with pytest.raises(ConfigError, match="rotation_interpolation='bicubic' is not allowed"):
+        preset("mnist-class-8", rotation_interpolation="bicubic")
+    with pytest.raises(ConfigError, match="decoder_order='backward' is not allowed"):
+        preset("mnist-draw-8", decoder_order="backward")
+    with pytest.raises(ConfigError, match="nll_reduction='max' is not allowed"):
+        preset("mnist-sketchpad", nll_reduction="max")
+    # CelebA's glimpse CNN on 2 x 2: 2 -> 3 (padding 2) -> 1 -> 0: nothing left
+    with pytest.raises(ConfigError, match="leave nothing of a 2x2 input"):
+        preset("celeba-draw-32", glimpse_size=2)

@@ -403,22 +403,42 @@ def test_same_seed_same_order_and_no_shuffle_keeps_order():
 # prepare_batch
 # --------------------------------------------------------------------------------------------------
 
-def test_rotation_by_zero_degrees_is_identity(mnist_sample):
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_rotation_by_zero_degrees_is_identity(mnist_sample, interpolation):
     images = mnist_sample.train.images[:64]
-    out = prepare_batch(images, augment="rotate", generator=torch.Generator().manual_seed(0), rotation_degrees=0.0)
+    out = prepare_batch(images, augment="rotate", generator=torch.Generator().manual_seed(0), rotation_degrees=0.0,
+                        rotation_interpolation=interpolation)
     assert out.dtype == torch.float32 and out.shape == images.shape
-    # Not exactly 0: affine_grid's float32 coordinates put samples a few 1e-6 pixels off the pixel centres.
-    assert torch.allclose(out, images.float() / 255, atol=1e-5, rtol=0)
+    if interpolation == "nearest":  # samples a few 1e-6 pixels off the centres still pick their own pixel
+        assert torch.equal(out, images.float() / 255)
+    else:  # affine_grid's float32 coordinates put samples a few 1e-6 pixels off the pixel centres
+        assert torch.allclose(out, images.float() / 255, atol=1e-5, rtol=0)
 
 
-def test_rotation_keeps_digit_mass_and_is_seeded(mnist_sample):
+def test_bilinear_rotation_keeps_digit_mass_and_is_seeded(mnist_sample):
     images = mnist_sample.train.images[:256]
-    rotate = lambda seed: prepare_batch(images, augment="rotate", generator=torch.Generator().manual_seed(seed))
+    rotate = lambda seed: prepare_batch(images, augment="rotate", generator=torch.Generator().manual_seed(seed),
+                                        rotation_interpolation="bilinear")
     out = rotate(0)
     ratio = out.sum((1, 2, 3)) / (images.float() / 255).sum((1, 2, 3))  # (B,)
     assert ratio.min() > 0.97 and ratio.max() < 1.03
     assert not torch.allclose(out, images.float() / 255, atol=0.1)
     assert torch.equal(out, rotate(0)) and not torch.equal(out, rotate(1))
+
+
+def test_nearest_rotation_is_what_pil_does_for_the_authors_random_rotation(mnist_sample):
+    """torchvision's RandomRotation(20) rotates the PIL image with nearest neighbours (the authors' pipeline):
+    our batched rotation, given the same angles, picks the same pixels."""
+    images = mnist_sample.train.images[:64]
+    out = prepare_batch(images, augment="rotate", generator=torch.Generator().manual_seed(3), rotation_degrees=20.0,
+                        rotation_interpolation="nearest")
+    angles = (2 * torch.rand(64, generator=torch.Generator().manual_seed(3)) - 1) * 20  # the draw random_rotate makes
+    agree = []
+    for image, angle, ours in zip(images[:, 0].numpy(), angles.tolist(), out[:, 0]):
+        pil = Image.fromarray(image).rotate(angle, resample=Image.NEAREST)  # counter-clockwise, zeros outside
+        agree.append((torch.from_numpy(np.array(pil)).float() / 255 == ours).float().mean().item())
+    assert min(agree) > 0.995 and sum(agree) / len(agree) > 0.999  # a handful of ties at exact pixel halves differ
+    assert set(out.unique().tolist()) <= set((images.unique().float() / 255).tolist())  # no blended values
 
 
 def test_rotation_angles_are_uniform_within_the_limit():

@@ -4,9 +4,11 @@ import json
 import math
 
 import pytest
+import torch
 
-from stawm import preset
-from stawm.stability import INFORMATIONAL, StabilityMonitor, bounds, static_check
+from stawm import HebbRosenblatt, preset
+from stawm.heads import QUERY_BOUND
+from stawm.stability import INFORMATIONAL, StabilityMonitor, bounds, static_check, step_bound_ratio
 
 DEFAULT_RATES = {"delta": 0.2, "eta": 0.4, "theta": 0.5}
 
@@ -80,3 +82,26 @@ def test_static_failure_is_recorded_at_epoch_zero_and_report_is_json():
     assert report["conditions"]["decay"]["first_failed_epoch"] == 0
     assert report["conditions"]["stationary_input"]["first_failed_epoch"] == 0  # informational, reported
     assert report["ok"] is False
+
+
+def test_bound_check_fires_exactly_when_a_hand_built_memory_breaks_it():
+    """W entries and read-outs of a hand-built memory against (eta/delta) 36 = 72 and M 6 72 (M = 4: 1728)."""
+    memory = HebbRosenblatt(4, delta=0.2, eta=0.4, theta=0.5)
+    query = torch.full((1, 4), QUERY_BOUND)  # the largest query a ReLU6 lets through
+
+    def ratio(W):
+        max_w, max_readout = W.amax(), memory.project(W, query).amax()
+        return float(step_bound_ratio(memory, max_w, max_readout))
+
+    at_bound = torch.full((1, 4, 4), 72.0)
+    assert memory.project(at_bound, query).amax() == 1728.0  # 4 * 6 * 72, the read-out bound, reached
+    assert ratio(at_bound) == pytest.approx(1.0)
+    above = at_bound.clone()
+    above[0, 2, 1] = 72.0 * 1.001
+    below = at_bound * 0.999
+    for W, breaks in ((at_bound, False), (below, False), (above, True)):
+        monitor = StabilityMonitor(preset("mnist-class-8", memory_size=4))
+        verdict = monitor.observe(1, **healthy(max_w=float(W.amax()), bound_ratio=ratio(W)))
+        assert verdict["failed"] == (["bound"] if breaks else [])
+    # a query of 12 (dropout's x2 after the ReLU6, the order this project once had) doubles the read-out
+    assert float(memory.project(at_bound, 2 * query).amax()) / 1728.0 == pytest.approx(2.0)
