@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,14 @@ DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # an offline machine whose network drops packe
 
 class MissingDataError(RuntimeError):
     """A dataset's files are not on disk (and could not be downloaded); the message names them and where they go."""
+
+
+class CorruptDataError(MissingDataError):
+    """A dataset file is on disk but is not what its name says (truncated, not gzip, wrong header).
+
+    To whoever loads the data it is as good as missing, so it is a MissingDataError; the message names
+    the file and says to replace it.
+    """
 
 
 def default_data_root() -> Path:
@@ -150,9 +159,45 @@ def _gunzip_missing_idx_files(raw_folder: Path) -> None:
         if unpacked.exists() or not packed.exists():
             continue
         partial = unpacked.with_name(unpacked.name + ".partial")  # renamed at the end: no half file if interrupted
-        with gzip.open(packed, "rb") as source, open(partial, "wb") as target:
-            shutil.copyfileobj(source, target)
+        try:
+            with gzip.open(packed, "rb") as source, open(partial, "wb") as target:
+                shutil.copyfileobj(source, target)
+        except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; a cut-short archive ends in EOFError
+            partial.unlink(missing_ok=True)
+            raise CorruptDataError(f"mnist: {packed} is not a whole gzip file ({type(error).__name__}: {error}); "
+                                   f"delete it and put the original {packed.name} there") from error
         os.replace(partial, unpacked)
+
+
+IDX_MAGIC = {"images": 2051, "labels": 2049}  # unsigned bytes, 3 and 1 dimensions
+
+
+def _check_idx_file(path: Path) -> int:
+    """The number of items in an MNIST IDX file, after checking its header against its size.
+
+    torchvision reads a damaged file with a bare AssertionError (or a reshape error) that names no file.
+    """
+    kind = "images" if "images" in path.name else "labels"
+    header_size = 16 if kind == "images" else 8
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    problem = None
+    if len(header) < header_size:
+        problem = f"{size} bytes, shorter than the {header_size}-byte IDX header"
+    else:
+        magic, count, *sides = struct.unpack(f">{header_size // 4}I", header)
+        expected = header_size + count * (sides[0] * sides[1] if sides else 1)
+        if magic != IDX_MAGIC[kind]:
+            problem = f"its header starts with {magic}, not {IDX_MAGIC[kind]} (IDX {kind})"
+        elif sides and sides != [28, 28]:
+            problem = f"its images are {sides[0]} x {sides[1]}, not 28 x 28"
+        elif size != expected:
+            problem = f"{size} bytes where its header announces {count} {kind} ({expected} bytes)"
+    if problem is not None:
+        raise CorruptDataError(f"mnist: {path} is not an MNIST IDX file: {problem}. Delete it (and its .gz) "
+                               f"and put the original {path.name}[.gz] there")
+    return count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +218,11 @@ def _load_mnist(root: Path, download: bool) -> tuple[Split, Split]:
         download=download,
         try_download=lambda: torchvision.datasets.MNIST(root, train=True, download=True),
     )
+    for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
+        counts = [_check_idx_file(raw_folder / name) for name in (images, labels)]
+        if counts[0] != counts[1]:
+            raise CorruptDataError(f"mnist: {raw_folder / images} holds {counts[0]} images but {raw_folder / labels} "
+                                   f"{counts[1]} labels; put back the original pair")
     splits = []
     for train in (True, False):
         dataset = torchvision.datasets.MNIST(root, train=train, download=False)

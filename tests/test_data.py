@@ -246,6 +246,36 @@ def test_partly_present_mnist_names_only_what_is_missing(tmp_path):
     assert "missing train-images" not in message
 
 
+@pytest.mark.parametrize("damage, says", [
+    ("truncate", "bytes where its header announces 40 images"),
+    ("magic", "its header starts with 2049, not 2051 (IDX images)"),
+    ("not-gzip", "is not a whole gzip file (BadGzipFile"),
+    ("cut-gzip", "is not a whole gzip file (EOFError"),
+    ("count", "holds 40 images but"),
+])
+def test_corrupt_mnist_files_are_named_with_the_fix(tmp_path, damage, says):
+    raw = write_mnist(tmp_path, *tiny_mnist(), gzipped=damage in ("not-gzip", "cut-gzip"))
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif damage == "magic":  # a labels header where the images belong
+        images.write_bytes(struct.pack(">4I", 2049, 40, 28, 28) + images.read_bytes()[16:])
+    elif damage == "not-gzip":
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"<html>rate limited</html>")
+    elif damage == "cut-gzip":
+        packed = raw / "train-images-idx3-ubyte.gz"
+        packed.write_bytes(packed.read_bytes()[:200])
+    else:
+        labels = raw / "train-labels-idx1-ubyte"
+        labels.write_bytes(struct.pack(">2I", 2049, 39) + labels.read_bytes()[8:-1])
+    with pytest.raises(MissingDataError) as err:  # a CorruptDataError: to the caller, as good as missing
+        load_data("mnist", tmp_path, download=False)
+    message = str(err.value)
+    assert says in message and "train-images-idx3-ubyte" in message and "\n" not in message
+    assert "put the original" in message or "put back the original" in message
+    assert not list(raw.glob("*.partial"))  # nothing half unpacked is left behind
+
+
 def test_failed_download_raises_missing_data_quickly(tmp_path):
     """download=True offline: a proxy on a closed local port makes every URL fail at once, network or not.
 
