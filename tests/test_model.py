@@ -119,7 +119,8 @@ def test_memory_input_is_nonnegative_and_memory_stays_under_its_bound():
 # Glimpse CNNs: 8 -> 6 -> 2 (stride 1, then 2) x 128 = 512; 28 -> 13 -> 6 -> 2 x 256 = 1024; 4 -> 2 x 128 = 512;
 # 6 -> 4 x 128 = 2048; the sketchpad's "same as 6 x 6 drawing" CNN on 8 x 8: 8 -> 6 x 128 = 4608;
 # CIFAR 12 -> 10 -> 4 -> 2 x 256 = 1024, 16 -> 14 -> 6 -> 4 x 256 = 4096; CelebA 32 -> 33 (padding 2) -> 16 -> 8 -> 4
-# x 64 = 1024 (the bug this table guards: unpadded, it shrank to 64 features); tiny: 28 -> 13 -> 6 x 16 = 576, 8 -> 6 -> 2 x 16 = 64.
+# x 64 = 1024 (the bug this table guards: unpadded, it shrank to 64 features); tiny: 28 -> 13 -> 6 x 16 = 576,
+# 8 -> 6 -> 2 x 16 = 64; cpu-small: 28 -> 13 -> 6 -> 2 x 64 = 256, 8 -> 6 -> 2 x 32 = 128.
 # Sketches: the exact mirror draws S_g x S_g; the authors' draw-8 decoder runs stride 1 first: 2 -> 4 -> 10 (output
 # padding 1); their CelebA decoder has no output padding: 4 -> 8 -> 16 -> 32 -> 31 (stride 1, padding 2).
 NETWORK_SIZES = {
@@ -135,6 +136,7 @@ NETWORK_SIZES = {
     ("cifar-draw-16", False): (2304, 4096, 16), ("cifar-draw-16", True): (2304, 4096, 16),
     ("celeba-draw-32", False): (1024, 1024, 32), ("celeba-draw-32", True): (1024, 1024, 31),
     ("tiny", False): (576, 64, None), ("tiny", True): (576, 64, None),
+    ("cpu-small", False): (256, 128, None), ("cpu-small", True): (256, 128, None),
 }
 
 
