@@ -1,6 +1,12 @@
-"""Analysis of STAWM studies: runs from MLflow, aggregation over seeds, tables, plots, notebooks.
+"""Analysis of STAWM studies, installed as `stawm.analysis`: from an MLflow store to tables and figures.
 
-`analysis.results` holds every function (the data shape is stated once in its docstring);
-`python -m analysis.report` and the notebooks in this folder only call them.
-Nothing is imported here, so `python -m analysis.report --help` stays quick.
+- store: a study's runs from MLflow in the one data shape (stated in its docstring), metric histories
+- stats: aggregation over seeds, Appendix A outcomes
+- uncertainty: standard error, bootstrap interval, Welch's t-test
+- tables: Markdown, LaTeX and CSV tables, the paper's Table 1
+- plots: ablations, curves, the stability map, learned rates (style: how they look)
+- files: writing files whole
+
+`python -m stawm.analysis.report` and the notebooks in this folder (run headless with
+`python -m stawm.analysis.notebooks`) only call these. Nothing is imported here, so `--help` stays quick.
 """

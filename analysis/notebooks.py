@@ -1,24 +1,23 @@
 """Run the analysis notebooks headless, with parameters, as papermill does.
 
-    python -m analysis.notebooks analysis/table1.ipynb --out run.ipynb -p study=table1 -p tracking_uri=...
+    python -m stawm.analysis.notebooks analysis/table1.ipynb --out run.ipynb -p study=table1 -p tracking_uri=...
 
 Each notebook's first cell is tagged `parameters` and holds the defaults; `run_notebook` injects a
 cell tagged `injected-parameters` right after it (papermill's convention, so papermill can run the
 same notebooks) and executes everything with nbclient on the `python3` kernel, which must be this
-interpreter (ipykernel installed in the venv provides that kernel spec).
+interpreter (ipykernel installed in the venv provides that kernel spec). Parameters are strings.
+Bad input (a -p without NAME=, a missing notebook or one without a parameters cell, an --out that
+cannot be written) prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
 import nbformat
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def inject_parameters(nb: nbformat.NotebookNode, parameters: dict) -> nbformat.NotebookNode:
@@ -51,25 +50,24 @@ def run_notebook(path: str | Path, parameters: dict, out_path: str | Path | None
                  timeout: int = 600, cwd: str | Path | None = None) -> nbformat.NotebookNode:
     """Execute the notebook at `path` with `parameters` injected; write it to `out_path` if given.
 
-    The kernel starts in `cwd` (default the repository root) with the repository on PYTHONPATH,
-    so `import analysis` works. A failing cell raises nbclient's CellExecutionError after the
+    The kernel starts in `cwd` (default: the current folder, so relative paths in the parameters,
+    such as sqlite:///mlflow.db, mean what they mean on the command line) and imports the
+    installed `stawm.analysis`. A failing cell raises nbclient's CellExecutionError after the
     partly executed notebook is written to `out_path`.
     """
     from nbclient import NotebookClient
 
     check_kernel()
     nb = inject_parameters(nbformat.read(str(path), as_version=4), parameters)
-    cwd = Path(cwd or REPO_ROOT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    cwd = Path(cwd) if cwd is not None else Path.cwd()
     client = NotebookClient(nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(cwd)}})
     try:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # the usual case: a loop of our own, closed afterwards (threads included)
-            asyncio.run(client.async_execute(env=env))
+            asyncio.run(client.async_execute())
         else:  # called from inside a running loop (e.g. a notebook): nbclient nests its own
-            client.execute(env=env)
+            client.execute()
     finally:
         if out_path is not None:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -78,14 +76,34 @@ def run_notebook(path: str | Path, parameters: dict, out_path: str | Path | None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.notebooks", description=__doc__.split("\n\n")[0])
+    """`python -m stawm.analysis.notebooks`; the exit status (2: bad input, told in one line on stderr)."""
+    from stawm import schema
+
+    from .files import NotWritable, check_writable
+
+    p = argparse.ArgumentParser(prog="python -m stawm.analysis.notebooks", description=__doc__.split("\n\n")[0])
     p.add_argument("notebook", type=Path, help="the notebook to run")
     p.add_argument("--out", type=Path, required=True, help="where to write the executed notebook")
     p.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter (a string value), repeatable")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     args = p.parse_args(argv)
-    params = dict(kv.split("=", 1) for kv in args.parameter)
+    try:
+        params = schema.parse_pairs(args.parameter, "-p")
+        if not args.notebook.is_file():
+            raise FileNotFoundError(f"no notebook at {args.notebook}; pass the path of an .ipynb file")
+        inject_parameters(nbformat.read(str(args.notebook), as_version=4), params)  # has a parameters cell
+        check_writable(args.out.parent, "--out")
+    except schema.ParamError as err:
+        print(f"error: {err}; write -p NAME=VALUE, e.g. -p study=table1", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotWritable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # no parameters cell, or not a notebook (nbformat's NotJSONError)
+        fix = "tag its cell of defaults `parameters`" if "parameters" in str(err) else "pass an .ipynb notebook"
+        print(f"error: {args.notebook}: {str(err).splitlines()[0]}; {fix}", file=sys.stderr)
+        return 2
     run_notebook(args.notebook, params, args.out, timeout=args.timeout)
     return 0
 

@@ -1,6 +1,6 @@
 """Report of one study: table (Markdown, LaTeX), summary CSV and plots, logged on the study's parent run.
 
-    python -m analysis.report --study NAME --tracking-uri URI --out DIR
+    python -m stawm.analysis.report --study NAME --tracking-uri URI --out DIR
 
 writes into DIR:
 - table.md, table.tex: test error per configuration, mean ± std (ddof=1) over seeds, beside the
@@ -12,30 +12,37 @@ writes into DIR:
   for memory-rate studies stability_map.png/.svg, and rate_trajectories.png/.svg when some runs
   learned their rates;
 then logs them under "report/" as artifacts of the study's parent run.
-Swept fields are the parent's `swept` param, else the config fields that vary across trials.
-An unknown or empty study prints one line on stderr and exits with status 2.
+Swept fields are the parent's swept param, else the config fields that vary across trials.
+Everything is computed before the first file is written, and each file is written whole, so a
+failed report leaves no half-written folder. Bad input (an unknown or empty study, a folder that
+cannot be written, a malformed --baseline, a metric no run logged) prints one line on stderr and
+exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
-TABLE1_FIELDS = {"preset", "task", "glimpse_size", "glimpses"}
+
+class BadInput(ValueError):
+    """A flag's value the report cannot use; the message names the flag and the fix."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="python -m stawm.analysis.report", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="study name (the MLflow experiment)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--out", required=True, type=Path, help="folder for the report files (created)")
-    p.add_argument("--metric", default="test_error", help="metric to tabulate and plot, the final value of each run (default: test_error)")
+    p.add_argument("--metric", default=None,
+                   help="metric to tabulate and plot, the final value of each run (default: the test error)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="seeds each configuration should have (default: the parent run's `seeds` param)")
+                   help="seeds each configuration should have (default: the parent run's seeds param)")
     p.add_argument("--include-flagged", action="store_true",
                    help="keep runs that broke the Appendix A conditions in the statistics (they are always counted)")
     p.add_argument("--baseline", default=None, metavar="FIELD=VALUE[,FIELD=VALUE]",
@@ -50,95 +57,146 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _baseline(text: str | None) -> dict | None:
-    from analysis.results import cast_param
+def parse_baseline(text: str | None) -> dict | None:
+    """--baseline "delta=0.2,learnable_rates=False" -> {"delta": 0.2, "learnable_rates": False},
+    typed by the config fields. A comma starts a new pair only before NAME=, so a tuple field's
+    value keeps its commas (glimpse_channels=64,128)."""
+    from stawm import schema
     from stawm.config import field_types
 
     if not text:
         return None
-    types, out = field_types(), {}
-    for part in text.split(","):
-        field, _, value = part.partition("=")
-        field = field.strip()
-        if field not in types:
-            raise SystemExit(f"error: --baseline names {field!r}, not a config field")
-        out[field] = cast_param(field, value.strip(), types[field])
-    return out
+    example = "e.g. --baseline learnable_rates=False"
+    try:
+        pairs = schema.parse_pairs(re.split(r",(?=\s*\w+\s*=)", text), "--baseline")
+        types = field_types()
+        unknown = [name for name in pairs if name not in types]
+        if unknown:
+            raise BadInput(f"--baseline names {unknown[0]!r}, not a config field; {example}")
+        return {name: schema.parse_value(name, value, types[name]) for name, value in pairs.items()}
+    except schema.ParamError as err:
+        message = str(err) if str(err).startswith("--baseline") else f"--baseline {err}"
+        raise BadInput(f"{message}; {example}") from None
 
 
-def write_report(args: argparse.Namespace) -> list[Path]:
-    """Every report file for the study, written into args.out; returns their paths."""
-    from analysis import results as R
+def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict, str | None]:
+    """Every report file of the study, computed, none written: ({file name: content}, parent run id).
 
-    runs, info = R.load_study(args.study, args.tracking_uri)
-    swept = R.swept_fields(runs, info)
-    seeds = args.seeds if args.seeds is not None else info["seeds"]
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    Contents are text, DataFrames (CSV) or Figures.
+    """
+    from stawm import schema
+    from stawm.config import field_types
+
+    from . import plots, stats, store, tables
+
+    runs, info = store.load_study(args.study, args.tracking_uri)
+    metric = args.metric or schema.TEST_ERROR
+    if metric not in runs:
+        config = set(field_types())
+        logged = sorted(c for c in runs.columns
+                        if c not in config and c not in store.META + store.STABILITY and runs[c].dtype.kind == "f")
+        raise BadInput(f"--metric {metric}: no run of study {args.study!r} logged it; pass one of {logged}")
+    swept = store.swept_fields(runs, info)
+    seeds = args.seeds if args.seeds is not None else info.seeds
     print(f"{args.study}: {len(runs)} trials, swept {swept or 'nothing but the seed'}, "
           f"{int(runs['flagged'].sum())} flagged", file=sys.stderr)
 
+    table1_fields = {"preset", *tables.MATCH_FIELDS}
     published = args.published == "on" or (args.published == "auto" and (
-        not swept or "preset" in swept or set(swept) <= TABLE1_FIELDS))
+        not swept or "preset" in swept or set(swept) <= table1_fields))
     by = list(swept)
     if published:  # also group by task, glimpse_size, glimpses where each configuration has one value of each
         per_config = runs.groupby(swept) if swept else runs.groupby(lambda _: 0)
-        by += [f for f in R.MATCH_FIELDS if f not in by and per_config[f].nunique(dropna=False).max() == 1]
-        published = set(R.MATCH_FIELDS) <= set(by)
-    agg = R.aggregate(runs, by, args.metric, seeds, args.include_flagged)
-    table = R.format_table(agg, swept or [f for f in by if f in R.MATCH_FIELDS] or None,
-                           published=R.PUBLISHED if published else None, baseline=_baseline(args.baseline))
-    paths = [out / "table.md", out / "table.tex", out / "summary.csv", out / "runs.csv"]
-    paths[0].write_text(table.markdown)
-    paths[1].write_text(table.latex)
-    R.summary(R.aggregate(runs, swept, args.metric, seeds, args.include_flagged)).to_csv(paths[2], index=False)
-    columns = ["run_id", "status", "seed", *swept, args.metric, "best_test_error", "stability_ok", "flags",
-               "diverged"]
-    runs[list(dict.fromkeys(c for c in columns if c in runs))].to_csv(paths[3], index=False)
+        by += [f for f in tables.MATCH_FIELDS if f not in by and per_config[f].nunique(dropna=False).max() == 1]
+        published = set(tables.MATCH_FIELDS) <= set(by)
+    agg = stats.aggregate(runs, by, metric, seeds, args.include_flagged)
+    try:
+        table = tables.format_table(agg, swept or [f for f in by if f in tables.MATCH_FIELDS] or None,
+                                    published=tables.PUBLISHED if published else None, baseline=baseline)
+    except tables.BaselineError as err:
+        raise BadInput(f"--baseline: {err}; name values of the swept fields {swept}") from None
+    columns = ["run_id", "status", "seed", *swept, metric, schema.BEST_TEST_ERROR, "stability_ok", "flags", "diverged"]
+    files = {"table.md": table.markdown, "table.tex": table.latex,
+             "summary.csv": tables.summary(stats.aggregate(runs, swept, metric, seeds, args.include_flagged)),
+             "runs.csv": runs[list(dict.fromkeys(c for c in columns if c in runs))]}
 
-    figures = R.ablation_figures(runs, swept, args.metric, seeds, args.include_flagged, swept=swept)
+    figures = plots.ablation_figures(runs, swept, metric, seeds, args.include_flagged, swept=swept)
     if not args.no_curves:
-        history = R.metric_history(runs, args.metric, args.tracking_uri, args.cache_dir)
+        history = store.metric_history(runs, metric, args.tracking_uri, args.cache_dir)
         if len(history):
-            figures[f"curves_{args.metric}"] = R.plot_curves(history, swept[0] if swept else None, runs,
-                                                             args.include_flagged)
-    if set(swept) & set(R.RATE_FIELDS):
-        figures["stability_map"] = R.plot_stability_map(runs)
-        if len(R.learnable(runs)):
-            rates = R.metric_histories(R.learnable(runs), R.RATES, args.tracking_uri, args.cache_dir)
+            figures[f"curves_{metric}"] = plots.plot_curves(history, swept, runs, args.include_flagged)
+    if set(swept) & set(stats.rate_fields()):
+        figures["stability_map"] = plots.plot_stability_map(runs)
+        trained = stats.learnable(runs)
+        if len(trained):
+            rates = store.metric_histories(trained, schema.RATE_METRICS, args.tracking_uri, args.cache_dir)
             if len(rates):
-                figures["rate_trajectories"] = R.plot_rate_trajectories(rates, runs)
-    for name, fig in figures.items():
-        paths += R.save_figure(fig, out, name)
+                figures["rate_trajectories"] = plots.plot_rate_trajectories(rates, runs)
+    files.update(figures)
+    return files, info.parent_run_id
 
-    if args.no_log:
-        return paths
-    if info["parent_run_id"] is None:
-        print(f"warning: study {args.study!r} has no parent run (tag stawm.role=study); files not logged",
-              file=sys.stderr)
-        return paths
+
+def write_files(files: dict, out: Path) -> list[Path]:
+    """Each file whole into `out` (created): text as UTF-8, DataFrames as CSV, Figures as PNG and SVG."""
+    import pandas as pd
+
+    from .files import write_whole
+    from .plots import save_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, content in files.items():
+        if isinstance(content, str):
+            paths.append(write_whole(out / name, lambda tmp, text=content: tmp.write_text(text, encoding="utf-8")))
+        elif isinstance(content, pd.DataFrame):
+            paths.append(write_whole(out / name, lambda tmp, frame=content: frame.to_csv(tmp, index=False)))
+        else:
+            paths += save_figure(content, out, name)
+    return paths
+
+
+def log_files(paths: list[Path], parent_run_id: str | None, args: argparse.Namespace) -> None:
+    from stawm import schema
+
+    if parent_run_id is None:
+        print(f"warning: study {args.study!r} has no parent run (tag {schema.ROLE}={schema.ROLE_STUDY}); "
+              f"files not logged", file=sys.stderr)
+        return
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=args.tracking_uri)
     for path in paths:
-        client.log_artifact(info["parent_run_id"], str(path), "report")
-    print(f"wrote {len(paths)} files to {out} and logged them on run {info['parent_run_id']} under report/",
+        client.log_artifact(parent_run_id, str(path), "report")
+    print(f"wrote {len(paths)} files to {args.out} and logged them on run {parent_run_id} under report/",
           file=sys.stderr)
-    return paths
 
 
 def main(argv=None) -> int:
+    """`python -m stawm.analysis.report`; the exit status (2: bad input, told in one line on stderr)."""
     args = parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
-    from analysis.results import StudyNotFound
+    from .files import NotWritable, check_writable
+    from .store import StudyNotFound
 
     try:
-        write_report(args)
-    except StudyNotFound as err:
+        baseline = parse_baseline(args.baseline)
+        check_writable(args.out, "--out")  # before any work: a mistyped folder costs nothing
+        if not args.no_curves:
+            check_writable(args.cache_dir, "--cache-dir")
+        files, parent_run_id = build_report(args, baseline)
+    except (StudyNotFound, BadInput, NotWritable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        paths = write_files(files, args.out)
+    except OSError as err:  # the folder passed the check but writing failed (a full disk, a race)
+        print(f"error: --out {args.out}: writing the report failed ({err}); free space or pass another folder",
+              file=sys.stderr)
+        return 2
+    if not args.no_log:
+        log_files(paths, parent_run_id, args)
     return 0
 
 

@@ -47,7 +47,8 @@ class Config:
     glimpse_size: int = 8  # S_g: side of each glimpse in pixels
     glimpses: int = 8  # N: glimpses per image
     align_corners: bool = True  # affine_grid/grid_sample convention (the authors' 2018 PyTorch behaved as True)
-    where_source: str = "pose"  # "pose": where = Linear(6 -> M)(A) (authors' code); "rnn": from the emission output (paper text)
+    # "pose": where = Linear(6 -> M)(A), the pose pathway (authors' code); "rnn": from the emission output
+    where_source: str = "pose"
     # --- Hebb-Rosenblatt memory (Eq. 2) ---------------------------------------------------------
     memory_size: int = 256  # M: W is M x M per image
     delta: float = 0.2  # decay rate of W
@@ -69,8 +70,10 @@ class Config:
     glimpse_kernel: int = 3  # glimpse CNN kernel side
     glimpse_padding: tuple[int, ...] = ()  # zero padding per glimpse CNN layer; () = none
     # The paper names filters, kernels and strides only; the blocks follow the authors' code for each dataset.
-    batch_norm: bool = True  # conv blocks: Conv without bias + BatchNorm + ReLU (authors' MNIST); False: Conv with bias + ReLU (authors' CelebA)
-    conv_init: str = "xavier"  # conv and transpose-conv weights: xavier (uniform; authors' MNIST) | default (PyTorch's; authors' CelebA)
+    # conv blocks: Conv without bias + BatchNorm + ReLU (authors' MNIST); False: Conv with bias + ReLU (authors' CelebA)
+    batch_norm: bool = True
+    # conv and transpose-conv weights: xavier (uniform; authors' MNIST) | default (PyTorch's; authors' CelebA)
+    conv_init: str = "xavier"
     dropout: float = 0.5  # dropout after the Linear layers
     query_dropout: float = 0.5  # dropout on the classification query, before its ReLU6 (authors' classifiers)
     # --- drawing --------------------------------------------------------------------------------
@@ -78,11 +81,18 @@ class Config:
     latent_size: int = 4  # K: Gaussian latent components per glimpse
     beta: float = 4.0  # weight of the joint KL of Eq. 25
     concrete_temperature: float = 2.0  # tau of the Concrete mask (authors' code)
-    inverse_transform: str = "learned"  # "learned": the emission network also outputs A^-1 (paper, Sec. 3.3; authors' code); "inverse": invert A
+    # "learned": the emission network also outputs A^-1 (paper, Sec. 3.3; authors' code); "inverse": invert A
+    inverse_transform: str = "learned"
     # The paper: a transpose CNN "with the same structure as the glimpse CNN in reverse", its sketch Hg x Wg.
-    decoder_order: str = "mirror"  # mirror: undo the glimpse CNN's last layer first (paper) | forward: its strides in forward order (authors' MNIST scripts: the draw-8 sketch is 10x10)
-    decoder_output_padding: bool = True  # output padding that gives back each glimpse-CNN side, so the sketch is S_g x S_g (paper); False: none (authors' CelebA: 31x31)
-    eval_sample: bool = True  # eval mode samples z and the Concrete mask as training does (authors' code; the paper shows sampled masks); False: mu and the mask's probability
+    # mirror: undo the glimpse CNN's last layer first (paper) | forward: its strides in forward order (authors'
+    # MNIST scripts: the draw-8 sketch is 10x10)
+    decoder_order: str = "mirror"
+    # output padding that gives back each glimpse-CNN side, so the sketch is S_g x S_g (paper); False: none
+    # (authors' CelebA: 31x31)
+    decoder_output_padding: bool = True
+    # eval mode samples z and the Concrete mask as training does (authors' code; the paper shows sampled masks);
+    # False: mu and the mask's probability
+    eval_sample: bool = True
     nll_reduction: str = "mean"  # classification loss over the batch: mean | sum (authors' sketchpad)
     class_loss_scale: float = 1.0  # sketchpad: scale of the classification loss
     draw_loss_scale: float = 1.0  # sketchpad: scale of the drawing loss
@@ -98,7 +108,8 @@ class Config:
     grad_clip_mode: str = "value"  # value (authors' code, per element) | norm | none
     augment: str = "rotate"  # rotate | crop-flip | none
     rotation_degrees: float = 20.0  # MNIST rotation range, +-degrees
-    rotation_interpolation: str = "nearest"  # nearest (authors' torchvision RandomRotation on the PIL image; the paper is silent) | bilinear
+    # nearest (authors' torchvision RandomRotation on the PIL image; the paper is silent) | bilinear
+    rotation_interpolation: str = "nearest"
     normalize: bool = True  # normalise inputs with the dataset mean/std (classification)
     validation_size: int = 0  # images carved from the training set for searches (0 = none)
     max_steps: int = 0  # stop each epoch after this many steps (0 = the whole epoch); for benchmarks

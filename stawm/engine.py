@@ -9,17 +9,16 @@ step can be compiled or graph-captured.
 
 Speed options (`train(..., compile=, precision=)`) change how the model runs, never what it computes
 by default: with compile="none" and precision="fp32" the loop is the plain eager one, bit for bit.
+
+What happens around the step (sums, clock, the record, checkpoint identity) is `stawm.bookkeeping`'s,
+shared with the fused loop (`stawm.fused`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
-import resource
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,18 +26,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import schema
+from .bookkeeping import (CheckpointError, EpochClock, EpochStats, check_resume_identity, checkpoint_path,
+                          epoch_record, evaluation_record, load_training_data, monitor_state, read_checkpoint,
+                          restore_monitor, rng_state, save_checkpoint, set_rng_state, steps_per_epoch)
 from .config import Config
-from .data import DataBundle, iterate_batches, load_data, prepare_batch
+from .data import DataBundle, iterate_batches, prepare_batch
 from .model import STAWM, Output
 from .stability import StabilityMonitor, step_bound_ratio
 
 CHECKPOINT = "checkpoint.pt"
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # torch.compile modes; none = eager
 PRECISIONS = ("fp32", "bf16")  # bf16 = autocast of the forward pass (the loss, W's sums and Adam stay fp32)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: corrupt, or written for another configuration."""
 
 
 # --- seeds: the one labelled place --------------------------------------------------------------
@@ -123,28 +122,6 @@ def to_fp32(out: Output) -> Output:
 # --- the step -----------------------------------------------------------------------------------
 
 
-@dataclass
-class EpochStats:
-    """Running sums of one epoch, kept on the device."""
-
-    loss: torch.Tensor
-    correct: torch.Tensor
-    recon: torch.Tensor
-    kl: torch.Tensor
-    max_w: torch.Tensor
-    max_readout: torch.Tensor
-    bound_ratio: torch.Tensor
-    loss_finite: torch.Tensor
-    grads_finite: torch.Tensor
-    w_finite: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device) -> "EpochStats":
-        z = torch.zeros((), device=device)
-        t = torch.ones((), dtype=torch.bool, device=device)
-        return cls(z, z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), t, t.clone(), t.clone())
-
-
 def to_model_input(x01: torch.Tensor, cfg: Config, data: DataBundle) -> torch.Tensor:
     if not cfg.normalize:
         return x01
@@ -212,54 +189,13 @@ def evaluate(model: STAWM, split, cfg: Config, data: DataBundle, forward: Callab
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path, cfg: Config) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, unsafe pickle...
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    state = read_checkpoint(path)
     saved = state.get("config") if isinstance(state, dict) else None
     if saved is None:
         raise CheckpointError(f"{path} is not a STAWM checkpoint (no config)")
-    mismatched = {k: (saved.get(k), v) for k, v in _resume_identity(cfg).items() if saved.get(k) != v}
-    if mismatched:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-        raise CheckpointError(f"checkpoint {path} was written for another configuration ({detail})")
+    check_resume_identity(saved, cfg, f"checkpoint {path}")
     return state
-
-
-def _resume_identity(cfg: Config) -> dict:
-    """Every field but those a resumed run may change (more epochs, a step cap)."""
-    return {k: v for k, v in cfg.to_flat().items() if k not in ("epochs", "max_steps")}
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "data": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -274,12 +210,6 @@ def build(cfg: Config, device: torch.device):
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch))
     return model, params, optimizer, scheduler
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
 
 
 def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
@@ -298,123 +228,69 @@ def train(cfg: Config, *, device: str | torch.device = "cpu", data_root: str | P
         torch.cuda.reset_peak_memory_stats(device)
     generator = seed_everything(cfg.seed, device)
     if data is None:
-        data = load_data(cfg.dataset, data_root, validation_size=cfg.validation_size, split_seed=0,
-                         image_size=cfg.image_size, device=device)
+        data = load_training_data(cfg, data_root, device)
     model, params, optimizer, scheduler = build(cfg, device)
     forward = model_forward(model, device, compile=compile, precision=precision)
     monitor = StabilityMonitor(cfg)
     start_epoch = 0
-    path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and path.exists():
-            state = load_checkpoint(path, cfg)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            monitor.first_failed, monitor.history = dict(state["stability"]["first_failed"]), list(state["stability"]["history"])
-            set_rng_state(state["rng"], generator)
-            start_epoch = state["epoch"]
+    path = checkpoint_path(checkpoint_dir, CHECKPOINT)
+    if resume and path is not None and path.exists():
+        state = load_checkpoint(path, cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_monitor(monitor, state["stability"])
+        set_rng_state(state["rng"], generator)
+        start_epoch = state["epoch"]
 
     model.train()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        record = run_epoch(model, params, optimizer, data, cfg, generator, epoch, progress, forward)
+        stats, steps, seconds = run_epoch(model, params, optimizer, data, cfg, generator, epoch, progress, forward)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        rates = model.memory.rates()
-        stats = record.pop("_stats")
-        verdict = monitor.observe(
-            epoch, rates=rates, max_w=float(stats.max_w), max_readout=float(stats.max_readout),
-            loss_finite=bool(stats.loss_finite), grads_finite=bool(stats.grads_finite),
-            w_finite=bool(stats.w_finite), bound_ratio=float(stats.bound_ratio),
-        )
-        diverged = monitor.diverged
-        if not diverged:
-            record.update(evaluation_metrics(model, cfg, data, forward))
-        record.update(rates, lr=lr, max_w=float(stats.max_w), max_readout=float(stats.max_readout),
-                      peak_memory_mb=peak_memory_mb(device), stability_ok=verdict["ok"],
-                      stability_flags=verdict["failed"], diverged=diverged, stability=monitor.report())
+        record = epoch_record(monitor, epoch, stats, steps=steps, seconds=seconds, batch_size=cfg.batch_size,
+                              heads=model, rates=model.memory.rates(), lr=lr, device=device,
+                              evaluate=lambda: evaluation_metrics(model, cfg, data, forward))
         if path is not None:
             save_checkpoint(path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "config": cfg.to_flat(),
-                "rng": rng_state(generator),
-                "stability": {"first_failed": monitor.first_failed, "history": monitor.history},
+                "rng": rng_state(generator), "stability": monitor_state(monitor),
             })
         yield record
-        if diverged:
+        if record["diverged"]:
             return
 
 
 def evaluation_metrics(model: STAWM, cfg: Config, data: DataBundle,
                        forward: Callable | None = None) -> dict[str, float]:
-    metrics = {}
     test = evaluate(model, data.test, cfg, data, forward)
-    if "error" in test:
-        metrics["test_error"] = test["error"]
-    if "recon_loss" in test:
-        metrics["test_recon_loss"] = test["recon_loss"]
-    if data.val is not None:
-        val = evaluate(model, data.val, cfg, data, forward)
-        if "error" in val:
-            metrics["val_error"] = val["error"]
-        if "recon_loss" in val:
-            metrics["val_recon_loss"] = val["recon_loss"]
-    return metrics
+    val = evaluate(model, data.val, cfg, data, forward) if data.val is not None else None
+    return evaluation_record(test, val)
 
 
 def run_epoch(model, params, optimizer, data: DataBundle, cfg: Config, generator, epoch: int,
-              progress: bool, forward: Callable | None = None) -> dict:
-    """One pass over the training set; returns the epoch's training metrics (+ the raw stats)."""
+              progress: bool, forward: Callable | None = None) -> tuple[EpochStats, int, float]:
+    """One pass over the training set; returns the epoch's sums, its steps and its seconds."""
     device = data.train.images.device
     stats = EpochStats.zeros(device)
-    steps = len(data.train) // cfg.batch_size
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
-    if steps == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train)} images)")
+    steps = steps_per_epoch(cfg, len(data.train))
     batches = iterate_batches(data.train, cfg.batch_size, generator=generator, shuffle=True, drop_last=True)
-    bar = _progress_bar(steps, epoch, cfg.epochs) if progress else None
-    start = time.perf_counter()
+    clock = EpochClock(steps, epoch, cfg.epochs, device, progress)
     for step, (images, labels) in enumerate(batches):
         if step == steps:
             break
         x01 = prepare_batch(images, augment=cfg.augment, generator=generator, rotation_degrees=cfg.rotation_degrees,
                             rotation_interpolation=cfg.rotation_interpolation)
         train_step(model, optimizer, params, to_model_input(x01, cfg, data), x01, labels, stats, forward)
-        if bar is not None:
-            bar.update(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    images_seen = steps * cfg.batch_size
-    record = {
-        "epoch": epoch,
-        "train_loss": float(stats.loss) / steps,
-        "epoch_seconds": seconds,
-        "images_per_second": images_seen / seconds,
-        "_stats": stats,
-    }
-    if model.classifies:
-        record["train_accuracy"] = float(stats.correct) / images_seen
-    if model.draws:
-        record["recon_loss"] = float(stats.recon) / steps
-        record["kl"] = float(stats.kl) / steps
-    return record
-
-
-def _progress_bar(steps: int, epoch: int, epochs: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False)
+        clock.step()
+    return stats, steps, clock.stop()
 
 
 def final_metrics(records: list[dict]) -> dict:
     """The last record's numbers plus the best test error, for summaries."""
     last = {k: v for k, v in records[-1].items() if k != "stability"}
-    errors = [r["test_error"] for r in records if "test_error" in r and math.isfinite(r["test_error"])]
+    errors = [r[schema.TEST_ERROR] for r in records if math.isfinite(r.get(schema.TEST_ERROR, math.nan))]
     if errors:
-        last["best_test_error"] = min(errors)
+        last[schema.BEST_TEST_ERROR] = min(errors)
     return last

@@ -16,7 +16,8 @@ Each member is the plain run it stands for:
   checks them against plain runs);
 - Adam and clipping by value are elementwise, so one over the stack is K independent ones; the
   learning rate, schedule and clip bound are per member; clipping by norm takes each member's norm;
-- its own StabilityMonitor and its own per-epoch record, with exactly the keys of `engine.train`'s.
+- its own StabilityMonitor and its own per-epoch record, made by the same `bookkeeping.epoch_record` as
+  `engine.train`'s, so the keys are the same by construction.
 With dropout 0 and no drawing noise a member's numbers equal its plain run up to float rounding.
 Dropout masks and drawing noise come from one global stream (vmap randomness="different", seeded with
 member 0's seed): independent across members, but not the masks the member's plain run draws.
@@ -30,7 +31,6 @@ statistics too. It still occupies its slot of the stack (shapes stay static), so
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterator
@@ -40,11 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
+from .bookkeeping import (CheckpointError, EpochClock, EpochStats, check_resume_identity, checkpoint_path,
+                          epoch_record, evaluation_record, load_training_data, monitor_state, read_checkpoint,
+                          restore_monitor, rng_state, save_checkpoint, set_rng_state, steps_per_epoch)
 from .config import Config
-from .data import DataBundle, iterate_batches, load_data, prepare_batch
-from .engine import (CheckpointError, EpochStats, _progress_bar, _resume_identity, build, check_speed_options,
-                     lr_factor, new_step, peak_memory_mb, rng_state, save_checkpoint, seed_everything,
-                     set_rng_state, to_fp32, to_model_input)
+from .data import DataBundle, iterate_batches, prepare_batch
+from .engine import build, check_speed_options, lr_factor, new_step, seed_everything, to_fp32, to_model_input
 from .stability import StabilityMonitor, step_bound_ratio
 
 FUSED_CHECKPOINT = "fused-checkpoint.pt"
@@ -57,7 +58,7 @@ FUSIBLE_FIELDS = (
     "delta", "eta", "theta",  # memory buffers (parameters when learnable_rates): stacked per member
     "lr", "lr_schedule", "lr_decay", "lr_milestones",  # the stacked Adam takes one learning rate per member
     "grad_clip",  # one clipping bound per member
-    "augment", "rotation_degrees", "rotation_interpolation",  # each member's batch is augmented on its own, with its own generator
+    "augment", "rotation_degrees", "rotation_interpolation",  # each member's batch augmented with its own generator
 )
 # Every other field sets a shape, a constant the forward pass reads from the config (dropout, loss
 # scales, beta, temperature), the data (dataset, batch, augmentation) or the loop (epochs, max_steps).
@@ -317,12 +318,6 @@ class FusedStack:
         return {name: t[k].detach().clone() for name, t in {**self.params, **self.buffers}.items()}
 
 
-def _zero_stats(K: int, device: torch.device) -> EpochStats:
-    z = torch.zeros(K, device=device)
-    t = torch.ones(K, dtype=torch.bool, device=device)
-    return EpochStats(z, z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), t, t.clone(), t.clone())
-
-
 def _learning_rates(cfgs: list[Config], epoch: int) -> list[float]:
     """Each member's rate during `epoch` (1-based): what engine.train's LambdaLR gives after epoch - 1 steps."""
     return [cfg.lr * lr_factor(cfg, epoch - 1) for cfg in cfgs]
@@ -332,19 +327,14 @@ def run_fused_epoch(stack: FusedStack, data: DataBundle, epoch: int, alive: torc
                     freeze_buffers: bool = False) -> tuple[EpochStats, int, float, list[float]]:
     """One pass of every member over the training set, each in its own order; returns stats, steps, seconds, lrs."""
     cfg, K, device = stack.cfg, stack.K, data.train.images.device
-    stats = _zero_stats(K, device)
-    steps = len(data.train) // cfg.batch_size
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
-    if steps == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(data.train)} images)")
+    stats = EpochStats.zeros(device, members=K)
+    steps = steps_per_epoch(cfg, len(data.train))
     lrs = _learning_rates(stack.cfgs, epoch)
     lr = torch.tensor(lrs, dtype=torch.float64, device=device)  # (K,)
     members = [iterate_batches(data.train, cfg.batch_size, generator=g, shuffle=True, drop_last=True)
                for g in stack.generators]
     augmented = any(c.augment != "none" for c in stack.cfgs)
-    bar = _progress_bar(steps, epoch, cfg.epochs) if progress else None
-    start = time.perf_counter()
+    clock = EpochClock(steps, epoch, cfg.epochs, device, progress)
     for step, batches in enumerate(zip(*members)):
         if step == steps:
             break
@@ -358,14 +348,8 @@ def run_fused_epoch(stack: FusedStack, data: DataBundle, epoch: int, alive: torc
         else:  # nothing random: one conversion for the whole stack
             x01 = prepare_batch(images.flatten(0, 1), augment="none", generator=None).view(images.shape)
         stack.train_step(to_model_input(x01, cfg, data), x01, labels, lr, alive, stats, freeze_buffers)
-        if bar is not None:
-            bar.update(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    return stats, steps, seconds, lrs
+        clock.step()
+    return stats, steps, clock.stop(), lrs
 
 
 def train_fused(cfgs: list[Config], *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
@@ -383,45 +367,42 @@ def train_fused(cfgs: list[Config], *, device: str | torch.device = "cpu", data_
     check_speed_options(compile, precision)
     device = torch.device(device)
     cfg = cfgs[0]
-    if data is None:  # load_data draws nothing from the seeded generators, so loading first changes no init
-        data = load_data(cfg.dataset, data_root, validation_size=cfg.validation_size, split_seed=0,
-                         image_size=cfg.image_size, device=device)
+    if data is None:  # loading draws nothing from the seeded generators, so loading first changes no init
+        data = load_training_data(cfg, data_root, device)
     stack = FusedStack(cfgs, device, compile=compile, precision=precision)
     monitors = [StabilityMonitor(c) for c in cfgs]
     alive = torch.ones(stack.K, dtype=torch.bool, device=device)  # (K,) on the device, cleared by the step
     stopped = [False] * stack.K  # on the host: members whose diverged record has been yielded
     start_epoch = 0
-    path = Path(checkpoint_dir) / FUSED_CHECKPOINT if checkpoint_dir is not None else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and path.exists():
-            state = load_fused_checkpoint(path, cfgs)
-            with torch.no_grad():
-                for name, t in {**stack.params, **stack.buffers}.items():
-                    t.copy_(state["stack"][name])
-            stack.optimizer.load_state_dict(state["optimizer"])
-            alive.copy_(state["alive"])
-            stopped = list(state["stopped"])
-            for monitor, saved in zip(monitors, state["stability"]):
-                monitor.first_failed, monitor.history = dict(saved["first_failed"]), list(saved["history"])
-            set_rng_state(state["rng"], stack.generators[0])
-            for g, saved in zip(stack.generators, state["data_generators"]):
-                g.set_state(saved)
-            start_epoch = state["epoch"]
+    path = checkpoint_path(checkpoint_dir, FUSED_CHECKPOINT)
+    if resume and path is not None and path.exists():
+        state = load_fused_checkpoint(path, cfgs)
+        with torch.no_grad():
+            for name, t in {**stack.params, **stack.buffers}.items():
+                t.copy_(state["stack"][name])
+        stack.optimizer.load_state_dict(state["optimizer"])
+        alive.copy_(state["alive"])
+        stopped = list(state["stopped"])
+        for monitor, saved in zip(monitors, state["stability"]):
+            restore_monitor(monitor, saved)
+        set_rng_state(state["rng"], stack.generators[0])
+        for g, saved in zip(stack.generators, state["data_generators"]):
+            g.set_state(saved)
+        start_epoch = state["epoch"]
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         if all(stopped):
             return
         stats, steps, seconds, lrs = run_fused_epoch(stack, data, epoch, alive, progress, freeze_buffers=any(stopped))
-        evaluations = _evaluate_members(stack, data)
-        images_seen = steps * cfg.batch_size
+        evaluations = _evaluate_members(stack, data)  # for all; a diverged member's are dropped
         records: list[dict | None] = []
         for k, monitor in enumerate(monitors):
             if stopped[k]:
                 records.append(None)
                 continue
-            records.append(_member_record(stack, k, monitor, stats, evaluations[k], epoch, steps, seconds,
-                                          images_seen, lrs[k], device))
+            records.append(epoch_record(monitor, epoch, stats.member(k), steps=steps, seconds=seconds,
+                                        batch_size=cfg.batch_size, heads=stack, rates=stack.rates(k), lr=lrs[k],
+                                        evaluate=evaluations[k].copy, device=device))
             stopped[k] = records[k]["diverged"]
         if path is not None:
             save_checkpoint(path, {
@@ -429,65 +410,26 @@ def train_fused(cfgs: list[Config], *, device: str | torch.device = "cpu", data_
                 "stack": {name: t.detach() for name, t in {**stack.params, **stack.buffers}.items()},
                 "optimizer": stack.optimizer.state_dict(), "alive": alive, "stopped": stopped,
                 "rng": rng_state(stack.generators[0]), "data_generators": [g.get_state() for g in stack.generators],
-                "stability": [{"first_failed": m.first_failed, "history": m.history} for m in monitors],
+                "stability": [monitor_state(m) for m in monitors],
             })
         yield records
 
 
 def _evaluate_members(stack: FusedStack, data: DataBundle) -> list[dict[str, float]]:
-    """engine.evaluation_metrics for every member (computed for all; a diverged member's are dropped)."""
-    metrics = [{} for _ in range(stack.K)]
-    for split, prefix in ((data.test, "test"), (data.val, "val")):
-        if split is None:
-            continue
-        for k, result in enumerate(stack.evaluate(split, data)):
-            if "error" in result:
-                metrics[k][f"{prefix}_error"] = result["error"]
-            if "recon_loss" in result:
-                metrics[k][f"{prefix}_recon_loss"] = result["recon_loss"]
-    return metrics
-
-
-def _member_record(stack: FusedStack, k: int, monitor: StabilityMonitor, stats: EpochStats, evaluation: dict,
-                   epoch: int, steps: int, seconds: float, images_seen: int, lr: float, device) -> dict:
-    """Member k's epoch record, built as engine.train builds its own."""
-    max_w, max_readout = float(stats.max_w[k]), float(stats.max_readout[k])
-    record = {"epoch": epoch, "train_loss": float(stats.loss[k]) / steps, "epoch_seconds": seconds,
-              "images_per_second": images_seen / seconds}
-    if stack.classifies:
-        record["train_accuracy"] = float(stats.correct[k]) / images_seen
-    if stack.draws:
-        record["recon_loss"] = float(stats.recon[k]) / steps
-        record["kl"] = float(stats.kl[k]) / steps
-    rates = stack.rates(k)
-    verdict = monitor.observe(
-        epoch, rates=rates, max_w=max_w, max_readout=max_readout, loss_finite=bool(stats.loss_finite[k]),
-        grads_finite=bool(stats.grads_finite[k]), w_finite=bool(stats.w_finite[k]),
-        bound_ratio=float(stats.bound_ratio[k]),
-    )
-    diverged = monitor.diverged
-    if not diverged:
-        record.update(evaluation)
-    record.update(rates, lr=lr, max_w=max_w, max_readout=max_readout, peak_memory_mb=peak_memory_mb(device),
-                  stability_ok=verdict["ok"], stability_flags=verdict["failed"], diverged=diverged,
-                  stability=monitor.report())
-    return record
+    """engine.evaluation_metrics for every member: each one's test (and validation) record keys."""
+    tests = stack.evaluate(data.test, data)
+    vals = stack.evaluate(data.val, data) if data.val is not None else [None] * stack.K
+    return [evaluation_record(test, val) for test, val in zip(tests, vals)]
 
 
 def load_fused_checkpoint(path: Path, cfgs: list[Config]) -> dict:
     """The fused checkpoint at `path`, checked against the members' configs (CheckpointError otherwise)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, unsafe pickle...
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fused STAWM checkpoint")
     saved = state["configs"]
     if len(saved) != len(cfgs):
         raise CheckpointError(f"checkpoint {path} holds {len(saved)} members, not {len(cfgs)}")
     for k, (flat, cfg) in enumerate(zip(saved, cfgs)):
-        mismatched = {n: (flat.get(n), v) for n, v in _resume_identity(cfg).items() if flat.get(n) != v}
-        if mismatched:
-            detail = ", ".join(f"{n}: checkpoint {a!r} vs now {b!r}" for n, (a, b) in mismatched.items())
-            raise CheckpointError(f"checkpoint {path} member {k} was written for another configuration ({detail})")
+        check_resume_identity(flat, cfg, f"checkpoint {path} member {k}")
     return state

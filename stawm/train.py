@@ -1,6 +1,7 @@
 """One training run from the command line.
 
-    python -m stawm.train --preset mnist-class-8 --epochs 1 --seed 0 --set memory_size=128 --set glimpses=4 --json out.json
+    python -m stawm.train --preset mnist-class-8 --epochs 1 --seed 0 --set memory_size=128 --set glimpses=4 \\
+        --json out.json
 
 Prints one summary line per epoch (and a progress bar when the terminal is interactive); with --json
 writes the final metrics (`test_error` as a fraction at the top level) and the stability report.
@@ -14,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import schema
 from .config import PRESETS, preset
-from .schema import ParamError, parse_pairs
 from .data import DATASETS, MissingDataError
 from .engine import CHECKPOINT, COMPILE_MODES, PRECISIONS, CheckpointError, final_metrics, train
 
@@ -45,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def summary_line(record: dict) -> str:
-    parts = [f"epoch {record['epoch']:>3}", f"loss {record['train_loss']:.4f}"]
-    for key, fmt in (("train_accuracy", "acc {:.2%}"), ("test_error", "test error {:.2%}"),
-                     ("val_error", "val error {:.2%}"), ("test_recon_loss", "test recon {:.2f}")):
+    parts = [f"epoch {record['epoch']:>3}", f"loss {record[schema.TRAIN_LOSS]:.4f}"]
+    for key, fmt in (("train_accuracy", "acc {:.2%}"), (schema.TEST_ERROR, "test error {:.2%}"),
+                     (schema.VAL_ERROR, "val error {:.2%}"), (schema.TEST_RECON_LOSS, "test recon {:.2f}")):
         if key in record:
             parts.append(fmt.format(record[key]))
     parts.append(f"{record['epoch_seconds']:.1f}s ({record['images_per_second']:.0f} img/s)")
@@ -58,13 +59,13 @@ def summary_line(record: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        changes = parse_pairs(args.set)
+        changes = schema.parse_pairs(args.set)
         if args.epochs is not None:
             changes["epochs"] = args.epochs
         if args.dataset is not None:
             changes["dataset"] = args.dataset
         cfg = preset(args.preset, seed=args.seed, **changes)
-    except ParamError as err:  # ConfigError is one
+    except schema.ParamError as err:  # ConfigError is one
         print(f"python -m stawm.train: error: {err}", file=sys.stderr)
         return 2
     checkpoint_dir = args.resume or args.checkpoint_dir or Path("runs") / f"{cfg.preset}-seed{cfg.seed}"

@@ -9,20 +9,17 @@ seeds 0..4; everything else as Appendix D.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+from ray import tune
 
-from ray import tune  # noqa: E402
-
-from stawm import runner  # noqa: E402
+from stawm import runner
 
 GLIMPSES = [2, 4, 6, 8, 10, 12]
 QUICK_GLIMPSES = [2, 4]
 
 
-def main() -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8")
+def main(argv: list[str] | None = None) -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     grid = {"glimpses": QUICK_GLIMPSES if args.quick else GLIMPSES}
     runner.check_grid(args, grid)
     study = runner.start_study(args, swept=list(grid))

@@ -12,20 +12,17 @@ validation says so.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+from ray import tune
 
-from ray import tune  # noqa: E402
-
-from stawm import runner  # noqa: E402
+from stawm import runner
 
 SIZES = [6, 8, 12, 16, 28]
 QUICK_SIZES = [6, 8]
 
 
-def main() -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8")
+def main(argv: list[str] | None = None) -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     grid = {"glimpse_size": QUICK_SIZES if args.quick else SIZES}
     runner.check_grid(args, grid)
     study = runner.start_study(args, swept=list(grid))

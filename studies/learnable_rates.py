@@ -11,13 +11,10 @@ are checked against Appendix A after every epoch, so a run whose rates wander ou
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+from ray import tune
 
-from ray import tune  # noqa: E402
-
-from stawm import runner  # noqa: E402
+from stawm import runner
 
 INITIAL_RATES = [
     {"delta": 0.2, "eta": 0.4, "theta": 0.5},  # the paper's initialisation
@@ -26,8 +23,8 @@ INITIAL_RATES = [
 ]
 
 
-def main() -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8")
+def main(argv: list[str] | None = None) -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     settings = INITIAL_RATES[:1] if args.quick else INITIAL_RATES
     grid = {"learnable_rates": [False, True]}
     runner.check_grid(args, grid, variants=settings)

@@ -19,13 +19,10 @@ therefore takes eta = 1e38, the most extreme kind of legal (finite) rate: its fi
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+from ray import tune
 
-from ray import tune  # noqa: E402
-
-from stawm import runner  # noqa: E402
+from stawm import runner
 
 GRID = {
     "delta": [0.05, 0.2, 0.5, 1.0, 1.5, 2.0],
@@ -39,8 +36,8 @@ QUICK_SETTINGS = [
 ]
 
 
-def main() -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8")
+def main(argv: list[str] | None = None) -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     if args.quick:  # an explicit list of settings: each one is a trial's `_variant`
         runner.check_grid(args, variants=QUICK_SETTINGS)
         rates = {"_variant": tune.grid_search(QUICK_SETTINGS)}

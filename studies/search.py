@@ -18,16 +18,13 @@ chose them, as its own Tuner, MLflow experiment and parent run.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, Repeater
+from ray.tune.search.optuna import OptunaSearch
 
-from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter, Repeater  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
-
-from stawm import runner  # noqa: E402
+from stawm import runner, schema
 
 SPACE = {
     "delta": tune.uniform(0.01, 1.0),
@@ -51,8 +48,8 @@ def flags(parser) -> None:
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
 
 
-def main() -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8", extra=flags)
+def main(argv: list[str] | None = None) -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, extra=flags)
     extra = args.extra  # resolved here, so that the parent run records the values used
     extra["samples"] = extra["samples"] or (2 if args.quick else 20)
     extra["validation_size"] = extra["validation_size"] or (500 if args.quick else 10000)
@@ -64,7 +61,7 @@ def main() -> int:
     # Stage 1: the search, scored on the validation split.
     study = runner.start_study(args, swept=swept, name=f"{args.name}-search")
     repeat = 1 if extra["asha"] else args.seeds
-    searcher = OptunaSearch(metric="val_error", mode="min", seed=extra["search_seed"])
+    searcher = OptunaSearch(metric=schema.VAL_ERROR, mode="min", seed=extra["search_seed"])
     if not extra["asha"]:
         searcher = Repeater(searcher, repeat=repeat, set_index=True)
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
@@ -73,7 +70,7 @@ def main() -> int:
         param_space={**study.base_config, "validation_size": validation_size, **space},
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or 2 * repeat),
-            scheduler=ASHAScheduler(metric="val_error", mode="min", max_t=args.config["epochs"], grace_period=1)
+            scheduler=ASHAScheduler(metric=schema.VAL_ERROR, mode="min", max_t=args.config["epochs"], grace_period=1)
             if extra["asha"] else None,
             num_samples=samples * repeat,  # a multiple of the Repeater's repeat
             reuse_actors=True,
@@ -84,8 +81,8 @@ def main() -> int:
     status = runner.finish_study(study, searched)
 
     # Stage 2: the best configurations over fresh seeds, on the whole training set, scored on the test set.
-    best = runner.best_configs(searched, swept, metric="val_error", top=top)
-    print("best configurations (mean val_error over seeds):", *best, sep="\n  ")
+    best = runner.best_configs(searched, swept, metric=schema.VAL_ERROR, top=top)
+    print(f"best configurations (mean {schema.VAL_ERROR} over seeds):", *best, sep="\n  ")
     study = runner.start_study(args, swept=swept)
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,

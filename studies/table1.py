@@ -16,13 +16,10 @@ too, told apart by `stawm.preset`. Ray keeps the stages as two experiments, NAME
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python studies/x.py` from a checkout
+from ray import tune
 
-from ray import tune  # noqa: E402
-
-from stawm import runner  # noqa: E402
+from stawm import runner
 
 SEEDS = [0, 1, 2, 3, 4]  # the paper's 5 trials
 ROWS = {  # row -> (preset, fields changed in it)
@@ -41,8 +38,8 @@ QUICK_ROWS = {
 QUICK_SELFSUP = ("tiny", {"task": "selfsup", "learnable_rates": True, **QUICK_DRAW})
 
 
-def main() -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8")
+def main(argv: list[str] | None = None) -> int:
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     rows, (selfsup_preset, selfsup_fields) = (QUICK_ROWS, QUICK_SELFSUP) if args.quick else (ROWS, SELFSUP)
     seeds = SEEDS[: args.seeds] if args.seeds <= len(SEEDS) else runner.seeds(args)
     stage1 = [runner.variant(args, name, **fields, seed=seed) for name, fields in rows.values() for seed in seeds]

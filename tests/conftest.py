@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -144,5 +146,64 @@ def quick_study(tmp_path_factory) -> dict:
                str(tmp / "ray"), "--name", "t", "--epochs", "2", "--set", "max_steps=3"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"quick study failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, \
+        f"quick study failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return {"tmp": tmp, "uri": uri, "name": "t", "stdout": done.stdout}
+
+
+# --- every other study's quick mode, on one Ray cluster -------------------------------------------
+
+STEP_CAP = ["--set", "max_steps=3"]  # --quick trains whole epochs of the digit sample; 3 steps are enough here
+STUDIES = {  # experiment (--name) -> the script and its flags, each as small as its tests allow
+    "table1": ("table1.py", STEP_CAP),  # 2 seeds: each seed's self-supervised run on its own drawing model
+    "search": ("search.py", STEP_CAP),  # 2 suggestions x 2 seeds, then the best over 2 fresh seeds
+    "glimpse_count": ("glimpse_count.py", ["--seeds", "1", *STEP_CAP]),
+    "learnable_rates": ("learnable_rates.py", ["--seeds", "1", *STEP_CAP]),
+    "memory_rates": ("memory_rates.py", ["--seeds", "1", *STEP_CAP]),
+    "fused": ("glimpse_size.py", ["--fuse-seeds", "--gpus-per-trial", "auto", "--epochs", "2", *STEP_CAP]),
+}
+
+
+@dataclass
+class StudyRuns:
+    """What the `studies` fixture ran: one MLflow store and Ray storage, one finished process per study."""
+
+    uri: str
+    storage: Path
+    runs: dict[str, subprocess.CompletedProcess]
+    seconds: dict[str, float]  # each study's wall time, start-up included (the suite's budget is tight)
+
+    def stdout(self, name: str) -> str:
+        """The study's stdout, once it is known to have exited 0."""
+        done = self.runs[name]
+        assert done.returncode == 0, f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        return done.stdout
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory) -> StudyRuns:
+    """Every study's --quick run but glimpse_size's plain one (`quick_study`), made once per session.
+
+    Each is a subprocess, as a user submits studies to one running Ray cluster (RAY_ADDRESS) that log
+    to one MLflow store: Ray starts once for all of them instead of once per study. The cluster is
+    shut down before this returns (a plain `ray.init()` elsewhere would otherwise join it). Each test
+    checks its own study's run, so one study failing fails only its tests.
+    """
+    from ray.cluster_utils import Cluster
+
+    tmp = tmp_path_factory.mktemp("studies")
+    uri, storage = f"sqlite:///{tmp}/mlflow.db", tmp / "ray"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "RAY_ADDRESS": cluster.address}
+    runs, seconds = {}, {}
+    try:
+        for name, (script, flags) in STUDIES.items():
+            command = [sys.executable, f"studies/{script}", "--quick", "--tracking-uri", uri, "--storage", str(storage),
+                       "--name", name, *flags]
+            start = time.monotonic()
+            runs[name] = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            seconds[name] = time.monotonic() - start
+    finally:
+        cluster.shutdown()
+    (tmp / "seconds.json").write_text(json.dumps(seconds, indent=1))  # kept beside the store, to budget the suite
+    return StudyRuns(uri, storage, runs, seconds)

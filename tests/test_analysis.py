@@ -1,7 +1,8 @@
-"""The results library, the report command and the notebooks, on a real sqlite MLflow store.
+"""The analysis library (stawm.analysis), the report command and the notebooks, on a real sqlite MLflow store.
 
-The store is written through the MLflow API in the study runner's schema, with per-seed final
-test errors chosen here, so every statistic below is checked against numbers worked by hand.
+The store is written through the MLflow API with the names of `stawm.schema` (read when it is
+built, so a renamed constant renames what is written), with per-seed final test errors chosen
+here, so every statistic below is checked against numbers worked by hand.
 
 Study "table" (seeds=5, swept=preset):
   A  mnist-class-8  (S_g=8, N=8):   seeds 0-4 finished, 0.0040 0.0042 0.0038 0.0045 0.0041
@@ -28,7 +29,8 @@ import scipy.stats
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from analysis import results as R
+from stawm import schema
+from stawm.analysis import files, plots, stats, store, tables, uncertainty
 from stawm.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,19 +41,19 @@ T0 = 1_700_000_000_000  # ms; runs start one second apart, in the order written
 
 
 def _trial(client, exp_id, parent, study, cfg, finals, t, status="FINISHED", ok=True, flags="",
-           static_ok=True, diverged=False, rates=None, epochs=3):
+           static_ok=True, diverged=False, rates=None):
     """One child run in the runner's schema; `finals` is the test_error of each epoch."""
-    tags = {"mlflow.parentRunId": parent, "stawm.role": "trial", "stawm.study": study,
-            "stawm.preset": cfg.preset, "stawm.seed": str(cfg.seed), "stawm.trial_id": f"t{t:04d}",
-            "stawm.git_commit": "0" * 40, "stawm.host": "test", "stawm.gpu": "none",
-            "stability.ok": str(ok).lower(), "stability.flags": flags,
-            "stability.static_ok": str(static_ok).lower(), "stability.diverged": str(diverged).lower()}
+    S = schema
+    tags = {S.PARENT_RUN_ID: parent, S.ROLE: S.ROLE_TRIAL, S.STUDY: study, S.PRESET: cfg.preset,
+            S.SEED: str(cfg.seed), S.TRIAL_ID: f"t{t:04d}", S.GIT_COMMIT: "0" * 40, S.HOST: "test", S.GPU: "none",
+            S.STABILITY_OK: S.tag_bool(ok), S.STABILITY_FLAGS: flags,
+            S.STABILITY_STATIC_OK: S.tag_bool(static_ok), S.STABILITY_DIVERGED: S.tag_bool(diverged)}
     run = client.create_run(exp_id, start_time=T0 + 1000 * t, tags=tags)
     metrics, best = [], math.inf
     for epoch, err in enumerate(finals, start=1):
         best = min(best, err) if not math.isnan(err) else best
         ts = T0 + 1000 * t + epoch
-        values = {"test_error": err, "best_test_error": best, "train_loss": 2.0 / epoch,
+        values = {S.TEST_ERROR: err, S.BEST_TEST_ERROR: best, S.TRAIN_LOSS: 2.0 / epoch,
                   "train_accuracy": 1 - err, "epoch_seconds": 1.5, "images_per_second": 1000.0}
         for name, start in (rates or {}).items():  # learnable rates drift by 0.05 per epoch
             values[name] = start + 0.05 * epoch
@@ -65,13 +67,14 @@ def _trial(client, exp_id, parent, study, cfg, finals, t, status="FINISHED", ok=
 
 def _parent(client, study, seeds, swept, root):
     exp_id = client.create_experiment(study, artifact_location=(root / "artifacts" / study).as_uri())
-    run = client.create_run(exp_id, start_time=T0, tags={"stawm.role": "study", "stawm.study": study})
-    client.log_batch(run.info.run_id, params=[Param("seeds", str(seeds)), Param("swept", swept)])
+    run = client.create_run(exp_id, start_time=T0, tags={schema.ROLE: schema.ROLE_STUDY, schema.STUDY: study})
+    client.log_batch(run.info.run_id, params=[Param(schema.SEEDS, str(seeds)), Param(schema.SWEPT, swept)])
     client.set_terminated(run.info.run_id, "FINISHED")
     return exp_id, run.info.run_id
 
 
-def build_store(root: Path) -> dict:
+def build_store(root: Path, table_only: bool = False) -> dict:
+    """The store the docstring above describes; `table_only`: only the study "table" (quicker)."""
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     ids, t = {}, 1
@@ -88,6 +91,8 @@ def build_store(root: Path) -> dict:
         t += 1
     ids["B4"] = _trial(client, exp, parent, "table", preset("mnist-class-28", seed=4), [0.0100], t, status="RUNNING")
     t += 1
+    if table_only:
+        return dict(uri=uri, ids=ids, root=root)
 
     exp, parent = _parent(client, "rates", 2, "delta,learnable_rates", root)
     ids["rates"] = parent
@@ -101,100 +106,118 @@ def build_store(root: Path) -> dict:
                     client, exp, parent, "rates", cfg, finals, t, status="FAILED" if diverged else "FINISHED",
                     ok=not bad, flags="decay,finite" if diverged else "decay" if bad else "",
                     static_ok=not bad, diverged=diverged,
-                    rates=dict(delta=delta, eta=cfg.eta, theta=cfg.theta) if learn else None)
+                    rates=dict(zip(schema.RATE_METRICS, (delta, cfg.eta, cfg.theta))) if learn else None)
                 t += 1
     exp, first = _parent(client, "relaunched", 1, "", root)  # launched twice under one name, not resumed
     _trial(client, exp, first, "relaunched", preset("tiny"), [0.5], t)
-    second = client.create_run(exp, start_time=T0 + 1000 * (t + 1), tags={"stawm.role": "study"}).info.run_id
+    second = client.create_run(exp, start_time=T0 + 1000 * (t + 1),
+                               tags={schema.ROLE: schema.ROLE_STUDY}).info.run_id
     ids["relaunched"] = _trial(client, exp, second, "relaunched", preset("tiny"), [0.1], t + 2)
     client.create_experiment("empty", artifact_location=(root / "artifacts" / "empty").as_uri())
     return dict(uri=uri, ids=ids, root=root)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def hand_store(tmp_path_factory):
+    """The hand-built store above: {uri, ids (run ids by name), root}."""
     return build_store(tmp_path_factory.mktemp("mlflow"))
 
 
 @pytest.fixture(scope="module")
-def table_runs(store):
-    return R.load_runs("table", store["uri"])
+def table_runs(hand_store):
+    return store.load_runs("table", hand_store["uri"])
 
 
-# --- loading ------------------------------------------------------------------------------------
+# --- loading (store.py) -------------------------------------------------------------------------
 
 
-def test_load_runs_one_row_per_trial_with_typed_config(table_runs, store):
+def test_load_runs_one_row_per_trial_with_typed_config(table_runs, hand_store):
     runs = table_runs
-    assert len(runs) == 10 and store["ids"]["table"] not in set(runs["run_id"])  # children only
+    assert len(runs) == 10 and hand_store["ids"]["table"] not in set(runs["run_id"])  # children only
     assert list(runs["seed"]) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
     assert runs["seed"].dtype == np.int64
     a = runs.iloc[0]
     assert runs["glimpse_size"].dtype == runs["glimpses"].dtype == np.int64 and a["glimpses"] == 8
     assert runs["delta"].dtype == np.float64 and a["delta"] == 0.2
     assert runs["learnable_rates"].dtype == runs["normalize"].dtype == bool
-    assert not a["learnable_rates"] and a["normalize"]
+    assert a["learnable_rates"] and a["normalize"]  # the paper presets learn their rates
     assert a["glimpse_channels"] == (64, 128) and a["context_channels"] == (64, 128, 256)
     assert a["lr_milestones"] == (50, 100, 150, 190, 195)
     assert a["preset"] == "mnist-class-8" and a["task"] == "classify"
     assert runs.iloc[5]["glimpse_size"] == 28 and runs.iloc[5]["glimpse_channels"] == (64, 128, 256)
-    assert list(runs["test_error"].iloc[:5]) == A
+    assert list(runs[schema.TEST_ERROR].iloc[:5]) == A
     assert list(runs["status"]) == ["FINISHED"] * 9 + ["RUNNING"]
     assert list(runs["flagged"]) == [False] * 8 + [True, False]
     assert runs.iloc[8]["flags"] == "bound" and runs.iloc[8]["stability_ok"] == False  # noqa: E712
-    assert runs.iloc[0]["best_test_error"] == 0.0040 and runs.iloc[0]["train_loss"] == pytest.approx(2 / 3)
-    assert runs["parent_run_id"].eq(store["ids"]["table"]).all()
+    assert runs.iloc[0][schema.BEST_TEST_ERROR] == 0.0040
+    assert runs.iloc[0][schema.TRAIN_LOSS] == pytest.approx(2 / 3)
+    assert runs["parent_run_id"].eq(hand_store["ids"]["table"]).all()
 
 
-def test_rate_metrics_do_not_overwrite_the_configured_rates(store):
-    runs = R.load_runs("rates", store["uri"])
+def test_rate_metrics_do_not_overwrite_the_configured_rates(hand_store):
+    runs = store.load_runs("rates", hand_store["uri"])
     learned = runs[runs["learnable_rates"] & (runs["delta"] == 0.2)]
     assert list(learned["delta"]) == [0.2, 0.2]  # the configured starting rate
     assert learned["final_delta"].to_numpy() == pytest.approx([0.35, 0.35])  # 0.2 + 3 epochs x 0.05
     assert runs["diverged"].sum() == 1 and runs["flagged"].sum() == 4 and (~runs["static_ok"]).sum() == 4
 
 
-def test_cast_param():
-    assert R.cast_param("glimpse_channels", "[64, 128]", tuple) == (64, 128)
-    assert R.cast_param("glimpse_channels", "(128,)", tuple) == (128,)
-    assert R.cast_param("normalize", "False", bool) is False and R.cast_param("normalize", "true", bool) is True
-    assert R.cast_param("glimpses", "8", int) == 8 and R.cast_param("lr", "0.001", float) == 0.001
+def test_params_are_parsed_by_the_schema():
+    """The one coercer of MLflow's param strings (it replaced results.cast_param)."""
+    assert schema.parse_value("glimpse_channels", "[64, 128]", tuple) == (64, 128)
+    assert schema.parse_value("glimpse_channels", "(128,)", tuple) == (128,)
+    assert schema.parse_value("normalize", "False", bool) is False
+    assert schema.parse_value("normalize", "true", bool) is True
+    assert schema.parse_value("glimpses", "8", int) == 8 and schema.parse_value("lr", "0.001", float) == 0.001
     with pytest.raises(ValueError, match="glimpses='8.5' is not a valid int"):
-        R.cast_param("glimpses", "8.5", int)
+        schema.parse_value("glimpses", "8.5", int)
 
 
-def test_study_info(store):
-    info = R.study_info("table", store["uri"])
-    assert info["seeds"] == 5 and info["swept"] == ["preset"] and info["parent_run_id"] == store["ids"]["table"]
-    assert R.study_info("rates", store["uri"])["swept"] == ["delta", "learnable_rates"]
+def test_study_info(hand_store):
+    info = store.study_info("table", hand_store["uri"])
+    assert info.seeds == 5 and info.swept == ["preset"] and info.parent_run_id == hand_store["ids"]["table"]
+    assert store.study_info("rates", hand_store["uri"]).swept == ["delta", "learnable_rates"]
 
 
-def test_a_study_launched_twice_loads_its_latest_launch(store):
-    assert len(R.load_runs("relaunched", store["uri"])) == 2
+def test_a_study_launched_twice_loads_its_latest_launch(hand_store):
+    assert len(store.load_runs("relaunched", hand_store["uri"])) == 2
     with pytest.warns(UserWarning, match="2 parent runs"):
-        runs, info = R.load_study("relaunched", store["uri"])
-    assert list(runs["run_id"]) == [store["ids"]["relaunched"]] and list(runs["test_error"]) == [0.1]
-    assert info["parents"] == 2 and info["seeds"] is None and info["swept"] is None  # the latest logged none
+        runs, info = store.load_study("relaunched", hand_store["uri"])
+    assert list(runs["run_id"]) == [hand_store["ids"]["relaunched"]] and list(runs[schema.TEST_ERROR]) == [0.1]
+    assert info.parents == 2 and info.seeds is None and info.swept is None  # the latest logged none
 
 
-def test_unknown_or_empty_study_raises(store, tmp_path):
-    with pytest.raises(R.StudyNotFound, match="no study .* named 'nope'"):
-        R.load_runs("nope", store["uri"])
-    with pytest.raises(R.StudyNotFound, match="'empty' has no trial runs"):
-        R.load_runs("empty", store["uri"])
-    with pytest.raises(R.StudyNotFound, match="no MLflow store"):
-        R.load_runs("table", f"sqlite:///{tmp_path}/missing.db")
+def test_unknown_or_empty_study_raises(hand_store, tmp_path):
+    with pytest.raises(store.StudyNotFound, match="no study .* named 'nope'"):
+        store.load_runs("nope", hand_store["uri"])
+    with pytest.raises(store.StudyNotFound, match="'empty' has no trial runs"):
+        store.load_runs("empty", hand_store["uri"])
+    with pytest.raises(store.StudyNotFound, match="no MLflow store"):
+        store.load_runs("table", f"sqlite:///{tmp_path}/missing.db")
     assert not (tmp_path / "missing.db").exists()  # not created as a side effect
 
 
 def test_swept_fields_fall_back_to_varying_fields(table_runs):
-    assert R.swept_fields(table_runs, {"swept": ["preset"]}) == ["preset"]
-    varying = R.swept_fields(table_runs)
+    assert store.swept_fields(table_runs, store.StudyInfo("table", swept=["preset"])) == ["preset"]
+    varying = store.swept_fields(table_runs)
     assert varying[:3] == ["preset", "glimpse_size", "glimpses"] and "seed" not in varying
     assert "memory_size" in varying and "delta" not in varying
 
 
-# --- statistics ---------------------------------------------------------------------------------
+def test_a_renamed_schema_name_is_renamed_on_both_sides(hand_store, tmp_path, monkeypatch):
+    """Rename a tag and a metric in the schema: the store written with the new names reads back, and
+    the one written with the old names (hand_store) no longer does. Neither side may spell a name by hand."""
+    monkeypatch.setattr(schema, "ROLE", "stawm.kind")
+    monkeypatch.setattr(schema, "STABILITY_OK", "stability.passed")
+    monkeypatch.setattr(schema, "TEST_ERROR", "test_err")
+    runs = store.load_runs("table", build_store(tmp_path, table_only=True)["uri"])
+    assert list(runs["test_err"].iloc[:5]) == A and list(runs["flagged"]) == [False] * 8 + [True, False]
+    assert stats.aggregate(runs, ["glimpses"], seeds_expected=5).iloc[0]["mean"] == pytest.approx(0.00412)
+    with pytest.raises(store.StudyNotFound, match="no trial runs"):
+        store.load_runs("table", hand_store["uri"])
+
+
+# --- statistics (stats.py, uncertainty.py) --------------------------------------------------------
 
 # By hand. A: mean 0.0206/5 = 0.00412; deviations -1.2, 0.8, -3.2, 3.8, -0.2 (x1e-4), squares sum
 # 26.8e-8, / 4 = 6.7e-8, std = sqrt(6.7e-8) = 2.588435821e-4, sem = std / sqrt(5) = 1.157584e-4.
@@ -207,59 +230,72 @@ BF_MEAN, BF_STD = 0.011325, 1.2451874022e-2
 
 
 def test_mean_std_sem_by_hand():
-    mean, std = R.mean_std(A)
+    mean, std = stats.mean_std(A)
     assert mean == pytest.approx(A_MEAN, rel=1e-12) and std == pytest.approx(A_STD, rel=1e-9)
-    assert R.sem(A) == pytest.approx(A_SEM, rel=1e-6)
-    assert math.isnan(R.mean_std([0.004])[1]) and R.mean_std([0.004])[0] == 0.004
-    assert math.isnan(R.sem([0.004])) and all(math.isnan(x) for x in R.mean_std([]))
+    assert uncertainty.sem(A) == pytest.approx(A_SEM, rel=1e-6)
+    assert math.isnan(stats.mean_std([0.004])[1]) and stats.mean_std([0.004])[0] == 0.004
+    assert math.isnan(uncertainty.sem([0.004])) and all(math.isnan(x) for x in stats.mean_std([]))
 
 
 def test_bootstrap_ci_brackets_the_mean_and_repeats():
-    low, high = R.bootstrap_ci(A)
+    low, high = uncertainty.bootstrap_ci(A)
     assert low <= A_MEAN <= high and min(A) <= low and high <= max(A)
-    assert (low, high) == R.bootstrap_ci(A)  # seeded
-    narrow = R.bootstrap_ci(A, confidence=0.5)
+    assert (low, high) == uncertainty.bootstrap_ci(A)  # seeded
+    narrow = uncertainty.bootstrap_ci(A, confidence=0.5)
     assert low <= narrow[0] <= narrow[1] <= high
-    assert all(math.isnan(x) for x in R.bootstrap_ci([0.004]))
+    assert all(math.isnan(x) for x in uncertainty.bootstrap_ci([0.004]))
 
 
 def test_aggregate_by_hand(table_runs):
-    agg = R.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5)
+    agg = stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5)
     assert list(agg.columns[:2]) == ["glimpse_size", "glimpses"]
     a, b = agg.iloc[0], agg.iloc[1]
     assert (a["glimpse_size"], a["glimpses"], b["glimpse_size"], b["glimpses"]) == (8, 8, 28, 10)
     assert a["n"] == 5 and a["mean"] == pytest.approx(A_MEAN) and a["std"] == pytest.approx(A_STD, rel=1e-9)
     assert a["sem"] == pytest.approx(A_SEM, rel=1e-6) and (a["min"], a["max"]) == (0.0038, 0.0045)
-    assert a["flagged"] == 0 and a["complete"] and a["seeds"] == (0, 1, 2, 3, 4)
+    assert a["flagged"] == 0 and a["complete"] and a["seeds_used"] == (0, 1, 2, 3, 4)
     # B: the flagged seed 3 is left out but counted; the running seed 4 is left out: 3 of 5
     assert b["n"] == 3 and b["mean"] == pytest.approx(B_MEAN) and b["std"] == pytest.approx(B_STD, rel=1e-9)
-    assert b["flagged"] == 1 and b["unfinished"] == 1 and not b["complete"] and b["seeds"] == (0, 1, 2)
-    both = R.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5, include_flagged=True).iloc[1]
+    assert b["flagged"] == 1 and b["unfinished"] == 1 and not b["complete"] and b["seeds_used"] == (0, 1, 2)
+    both = stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5, include_flagged=True).iloc[1]
     assert both["n"] == 4 and both["mean"] == pytest.approx(BF_MEAN) and both["std"] == pytest.approx(BF_STD, rel=1e-9)
     assert both["flagged"] == 1 and not both["complete"]
 
 
 def test_aggregate_single_seed_has_nan_std_and_ci_columns(table_runs):
     one = table_runs[table_runs["seed"] == 0]
-    agg = R.aggregate(one, ["glimpses"], seeds_expected=5, ci=0.95)
+    agg = stats.aggregate(one, ["glimpses"], seeds_expected=5, ci=0.95)
     assert list(agg["n"]) == [1, 1] and agg["std"].isna().all() and not agg["complete"].any()
-    agg = R.aggregate(table_runs, ["glimpses"], ci=0.95)
+    agg = stats.aggregate(table_runs, ["glimpses"], ci=0.95)
     assert (agg["ci_low"] <= agg["mean"]).all() and (agg["mean"] <= agg["ci_high"]).all()
     assert list(agg["complete"]) == [True, False]  # seeds_expected unknown: compared with the largest n
 
 
-def test_aggregate_warns_when_a_group_mixes_configurations(store):
-    runs = R.load_runs("rates", store["uri"])
+def test_aggregate_warns_when_a_group_mixes_configurations(hand_store):
+    runs = store.load_runs("rates", hand_store["uri"])
     with pytest.warns(UserWarning, match=r"differ in \['learnable_rates'\]"):
-        R.aggregate(runs, ["delta"])
+        stats.aggregate(runs, ["delta"])
 
 
 def test_welch_p_matches_scipy():
-    assert R.welch_p(A, B) == pytest.approx(scipy.stats.ttest_ind(A, B, equal_var=False).pvalue, rel=1e-12)
-    assert math.isnan(R.welch_p(A, [0.005]))
+    assert uncertainty.welch_p(A, B) == pytest.approx(scipy.stats.ttest_ind(A, B, equal_var=False).pvalue, rel=1e-12)
+    assert math.isnan(uncertainty.welch_p(A, [0.005]))
 
 
-# --- tables -------------------------------------------------------------------------------------
+def test_flag_divergence(hand_store):
+    flags = store.load_runs("rates", hand_store["uri"]).pipe(stats.flag_divergence)
+    assert flags.to_dict("list") == {"flag": ["decay", "finite", "(none)"], "runs": [4, 1, 4],
+                                     "diverged": [1, 1, 0], "diverged_fraction": [0.25, 1.0, 0.0]}
+
+
+def test_outcome_table(hand_store):
+    counts = stats.outcome_table(store.load_runs("rates", hand_store["uri"]))
+    assert counts[list(stats.OUTCOMES)].to_numpy().sum() == 8 and counts["diverged"].sum() == 1
+    # delta=0.2 passes (2 seeds in each of 2 configurations); delta=1.5 fails before training, one diverges
+    assert list(counts["passed"]) == [2, 2, 0, 0] and list(counts["flagged before training"]) == [0, 0, 1, 2]
+
+
+# --- tables (tables.py) -------------------------------------------------------------------------
 
 # Welch by hand: var/n 6.7e-8/5 + 7e-8/3 = 3.6733e-8, t = (0.00412 - 0.0051) / sqrt(3.6733e-8) = -5.113,
 # df = 3.6733e-8^2 / ((1.34e-8)^2 / 4 + (2.3333e-8)^2 / 2) = 4.255, two-sided p = 0.0059.
@@ -267,9 +303,9 @@ P_AB = scipy.stats.ttest_ind(A, B, equal_var=False).pvalue
 
 
 def test_format_table_markdown_and_latex_exactly(table_runs):
-    agg = R.aggregate(table_runs, ["task", "glimpse_size", "glimpses"], seeds_expected=5)
-    table = R.format_table(agg, ["glimpse_size", "glimpses"], published=R.PUBLISHED,
-                           baseline={"glimpse_size": 8})
+    agg = stats.aggregate(table_runs, ["task", "glimpse_size", "glimpses"], seeds_expected=5)
+    table = tables.format_table(agg, ["glimpse_size", "glimpses"], published=tables.PUBLISHED,
+                                baseline={"glimpse_size": 8})
     assert f"{P_AB:.4f}" == "0.0059"
     caption = ("test_error in %: mean ± std (ddof=1) over 5 seeds; flagged runs (Appendix A) left out; "
                "rows short of 5 seeds are marked incomplete; unfinished runs (failed or still running) are left out; "
@@ -303,97 +339,164 @@ def test_format_table_markdown_and_latex_exactly(table_runs):
         "\\end{table}\n")
 
 
+def test_format_table_baseline_must_match_one_row(table_runs):
+    agg = stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5)
+    with pytest.raises(tables.BaselineError, match=r"matches 0 rows of the table, not one"):
+        tables.format_table(agg, baseline={"glimpse_size": 6})
+    with pytest.raises(tables.BaselineError, match="'delta' is not a column"):
+        tables.format_table(agg, baseline={"delta": 0.2})
+
+
 def test_table1_quotes_baselines_and_unreproduced_rows(table_runs):
-    tables = R.table1(table_runs, seeds_expected=5)
-    a = tables["1a"].markdown.splitlines()
+    table1 = tables.table1(table_runs, seeds_expected=5)
+    a = table1["1a"].markdown.splitlines()
     assert a[2] == "| model | glimpse_size | glimpses | test error (%) | n | flagged | published | Δ (pp) |"
     ram = ((5, "1.55%"), (6, "1.29%"), (7, "1.47%"))
     assert a[4:7] == [f"| RAM | 8 | {n} | — | — | — | {e} | — |" for n, e in ram]
     assert a[7:] == [
         "| STAWM (reproduced) | 8 | 8 | **0.41% ± 0.03** | 5 | 0 | 0.41% ± 0.03 | +0.00 |",
         "| STAWM (reproduced) | 28 | 10 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 |"]
-    b = tables["1b"].markdown.splitlines()
+    b = table1["1b"].markdown.splitlines()
     assert [r.split(" | ")[0] for r in b[4:]] == [
         "| DBM", "| Adversarial", "| Virtual Adversarial", "| Ladder", "| STAWM (self-supervised)"]
     assert b[-1] == "| STAWM (self-supervised) | 6 | 12 | — | — | — | 0.77% | — |"
-    assert "\\begin{tabular}{lllrrrrr}" in tables["1b"].latex
+    assert "\\begin{tabular}{lllrrrrr}" in table1["1b"].latex
 
 
 def test_published_constants():
-    assert R.PUBLISHED[("classify", 8, 8)].error_pct == 0.41 and R.PUBLISHED[("classify", 8, 8)].std_pct == 0.03
-    assert R.PUBLISHED[("classify", 28, 10)].std_pct == 0.02 and "0.31%" in R.PUBLISHED[("classify", 28, 10)].note
-    assert R.PUBLISHED[("selfsup", 6, 12)].error_pct == 0.77
-    assert [p.error_pct for p in R.BASELINES["1a"]] == [1.55, 1.29, 1.47]
-    assert {p.model: p.error_pct for p in R.BASELINES["1b"]} == {
+    P = tables.PUBLISHED
+    assert P[("classify", 8, 8)].error_pct == 0.41 and P[("classify", 8, 8)].std_pct == 0.03
+    assert P[("classify", 28, 10)].std_pct == 0.02 and "0.31%" in P[("classify", 28, 10)].note
+    assert P[("selfsup", 6, 12)].error_pct == 0.77
+    assert [p.error_pct for p in tables.BASELINES["1a"]] == [1.55, 1.29, 1.47]
+    assert {p.model: p.error_pct for p in tables.BASELINES["1b"]} == {
         "DBM": 0.79, "Adversarial": 0.78, "Virtual Adversarial": 0.64, "Ladder": 0.57}
 
 
-def test_flag_divergence(store):
-    flags = R.load_runs("rates", store["uri"]).pipe(R.flag_divergence)
-    assert flags.to_dict("list") == {"flag": ["decay", "finite", "(none)"], "runs": [4, 1, 4],
-                                     "diverged": [1, 1, 0], "diverged_fraction": [0.25, 1.0, 0.0]}
+def test_summary_is_the_csv_form(table_runs):
+    out = tables.summary(stats.aggregate(table_runs, ["glimpse_channels"], seeds_expected=5))
+    assert list(out.columns) == ["glimpse_channels", "n", "test_error_mean", "test_error_std", "flagged", "complete"]
+    assert list(out["glimpse_channels"]) == ["[64, 128]", "[64, 128, 256]"] and list(out["n"]) == [5, 3]
+    assert out["test_error_mean"].tolist() == pytest.approx([A_MEAN, B_MEAN])
 
 
-# --- histories ----------------------------------------------------------------------------------
+# --- histories (store.py) -----------------------------------------------------------------------
 
 
-def test_metric_history_is_cached_for_finished_runs(store, table_runs, tmp_path):
+def test_metric_history_is_cached_for_finished_runs(hand_store, table_runs, tmp_path):
     copy = tmp_path / "copy.db"
-    shutil.copy(store["root"] / "mlflow.db", copy)
+    shutil.copy(hand_store["root"] / "mlflow.db", copy)
     uri = f"sqlite:///{copy}"
     finished = table_runs[table_runs["status"] == "FINISHED"]
-    first = R.metric_history(finished, "test_error", uri, tmp_path / "cache")
+    first = store.metric_history(finished, schema.TEST_ERROR, uri, tmp_path / "cache")
     assert list(first.columns) == ["run_id", "metric", "step", "value"]
-    a0 = first[first["run_id"] == store["ids"]["A0"]]
+    a0 = first[first["run_id"] == hand_store["ids"]["A0"]]
     assert list(a0["step"]) == [1, 2, 3] and a0["value"].to_numpy() == pytest.approx([0.012, 0.006, 0.004])
     copy.unlink()  # the store is gone: the second call must come from the cache
-    again = R.metric_history(finished, "test_error", uri, tmp_path / "cache")
+    again = store.metric_history(finished, schema.TEST_ERROR, uri, tmp_path / "cache")
     pd.testing.assert_frame_equal(first, again)
-    with pytest.raises(R.StudyNotFound):  # a running run is never cached, so it must be re-read
-        R.metric_history(table_runs, "test_error", uri, tmp_path / "cache")
-    running = R.metric_history(table_runs, "test_error", store["uri"], tmp_path / "cache")
+    with pytest.raises(store.StudyNotFound):  # a running run is never cached, so it must be re-read
+        store.metric_history(table_runs, schema.TEST_ERROR, uri, tmp_path / "cache")
+    running = store.metric_history(table_runs, schema.TEST_ERROR, hand_store["uri"], tmp_path / "cache")
     assert len(running) == len(first) + 1
-    assert not (tmp_path / "cache" / "test_error" / f"{store['ids']['B4']}.parquet").exists()
+    assert not (tmp_path / "cache" / schema.TEST_ERROR / f"{hand_store['ids']['B4']}.parquet").exists()
+    assert not list((tmp_path / "cache").rglob(".*tmp*"))  # written whole: no temporary file left
 
 
-# --- plots --------------------------------------------------------------------------------------
+def test_write_whole_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "table.md"
+    target.write_text("old")
+
+    def half(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.write_whole(target, half)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    files.write_whole(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
 
 
-def test_plots_return_figures(store, table_runs, tmp_path):
-    rates = R.load_runs("rates", store["uri"])
+# --- plots (plots.py) ---------------------------------------------------------------------------
+
+
+def _ticks(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_plots_return_figures(hand_store, table_runs, tmp_path):
+    rates = store.load_runs("rates", hand_store["uri"])
     swept = ["delta", "learnable_rates"]
-    figs = R.ablation_figures(rates, swept, seeds_expected=2, swept=swept)  # hue: the other field
-    figs["glimpses"] = R.plot_ablation(table_runs, "glimpses", seeds_expected=5)
-    figs["curves"] = R.plot_curves(R.metric_history(table_runs, "test_error", store["uri"], tmp_path), "preset",
-                                   table_runs)
-    figs["map"] = R.plot_stability_map(rates)
-    history = R.metric_histories(R.learnable(rates), R.RATES, store["uri"], tmp_path)
-    figs["rates"] = R.plot_rate_trajectories(history, rates)
+    figs = plots.ablation_figures(rates, swept, seeds_expected=2, swept=swept)  # hue: the other field
+    figs["glimpses"] = plots.plot_ablation(table_runs, "glimpses", seeds_expected=5)
+    history = store.metric_history(table_runs, schema.TEST_ERROR, hand_store["uri"], tmp_path)
+    figs["curves"] = plots.plot_curves(history, "preset", table_runs)
+    figs["map"] = plots.plot_stability_map(rates)
+    history = store.metric_histories(stats.learnable(rates), schema.RATE_METRICS, hand_store["uri"], tmp_path)
+    figs["rates"] = plots.plot_rate_trajectories(history, rates)
     for name, fig in figs.items():
-        paths = R.save_figure(fig, tmp_path / "figs", name, formats=("png",))  # svg: the report test
+        paths = plots.save_figure(fig, tmp_path / "figs", name, formats=("png",))  # svg: the report test
         assert all(p.stat().st_size > 1000 for p in paths), name
     # the ablation draws 5 + 3 seeds, the flagged B seed as a cross, and two means
     ax = figs["glimpses"].axes[0]
-    assert sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == "seeds") == 8
+    assert sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == "seed") == 8
     assert [len(c.get_offsets()) for c in ax.collections if c.get_gid() == "flagged (left out)"] == [1]
     legend = [t.get_text() for t in figs["ablation_delta"].axes[0].get_legend().get_texts()]
     assert legend == ["flagged (left out)", "learnable_rates=False", "learnable_rates=True"]
-    counts = R.outcome_table(rates)
-    assert counts[list(R.OUTCOMES)].to_numpy().sum() == 8 and counts["diverged"].sum() == 1
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["each seed", "flagged (left out)", "mean ± std (ddof=1)"]
+
+
+def test_ablation_ticks_are_the_swept_values_and_bars_the_table(hand_store, table_runs):
+    """One tick per value run (not 6.25, 6.5, ...); the bars are mean ± std (ddof=1) of `aggregate`."""
+    ax = plots.plot_ablation(table_runs, "glimpse_size", seeds_expected=5).axes[0]
+    assert _ticks(ax) == ["8", "28"] and list(ax.get_xticks()) == [0, 1]
+    bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "std"]
+    assert [(np.nanmin(y), np.nanmax(y)) for y in bars] == [
+        pytest.approx((100 * (A_MEAN - A_STD), 100 * (A_MEAN + A_STD))),
+        pytest.approx((100 * (B_MEAN - B_STD), 100 * (B_MEAN + B_STD)))]
+    assert "mean ± std (ddof=1) over 5 seeds" in ax.get_title() and "n=k/N where fewer" in ax.get_title()
+    assert "n=3/5" in [t.get_text() for t in ax.texts]
+    rates = store.load_runs("rates", hand_store["uri"])
+    ax = plots.plot_ablation(rates, "delta", seeds_expected=2, hue="learnable_rates").axes[0]
+    assert _ticks(ax) == ["0.2", "1.5"]
+    # delta=1.5: every run flagged, so n=0 for both series, labelled side by side at the foot
+    foot = [t for t in ax.texts if t.get_text() == "n=0/2"]
+    assert len(foot) == 2 and foot[0].xy[0] == pytest.approx(0.8) and foot[1].xy[0] == pytest.approx(1.2)
+
+
+def test_single_epoch_curves_show_a_point(hand_store, table_runs):
+    """A run of one epoch draws a marker (a line through one point is invisible) and error bars."""
+    one = pd.DataFrame({"run_id": table_runs["run_id"].iloc[:5], "metric": schema.TEST_ERROR,
+                        "step": 1, "value": A})
+    ax = plots.plot_curves(one, (), table_runs).axes[0]
+    drawn = [line for line in ax.lines if len(line.get_xdata()) == 1]
+    assert drawn and drawn[0].get_marker() == "o" and drawn[0].get_ydata()[0] == pytest.approx(100 * A_MEAN)
+    assert ax.get_xlim()[0] < 1 < ax.get_xlim()[1]
+    assert "mean ± std (ddof=1) over 5 seeds per line" in ax.get_title()
+
+
+def test_stability_map_ticks_are_the_rates_run(hand_store):
+    rates = store.load_runs("rates", hand_store["uri"])
+    fig = plots.plot_stability_map(rates)
+    (ax,) = [a for a in fig.axes if a.get_title()]
+    assert list(ax.get_xticks()) == [0.2, 1.5] and list(ax.get_yticks()) == [rates["eta"].iloc[0]]
+    assert ax.get_title() == f"θ = {rates['theta'].iloc[0]:g}" and "8 runs" in fig._suptitle.get_text()
 
 
 # --- the report command and the notebooks -------------------------------------------------------
 
 
 def _report(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "analysis.report", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "stawm.analysis.report", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
-def test_report_end_to_end(store, tmp_path):
+def test_report_end_to_end(hand_store, tmp_path):
     out = tmp_path / "report"
-    done = _report("--study", "rates", "--tracking-uri", store["uri"], "--out", str(out),
+    done = _report("--study", "rates", "--tracking-uri", hand_store["uri"], "--out", str(out),
                    "--cache-dir", str(tmp_path / "cache"), "--baseline", "delta=0.2,learnable_rates=False")
     assert done.returncode == 0, done.stderr
     expected = {"table.md", "table.tex", "summary.csv", "runs.csv"} | {
@@ -407,14 +510,14 @@ def test_report_end_to_end(store, tmp_path):
     assert summary["test_error_mean"].iloc[0] == pytest.approx(0.205)  # (0.20 + 0.21) / 2
     assert summary["test_error_std"].iloc[0] == pytest.approx(0.01 / math.sqrt(2))
     assert "| 0.2 | False | **20.50% ± 0.71** | 2 | 0 | baseline |" in (out / "table.md").read_text()
-    logged = {f.path for f in MlflowClient(store["uri"]).list_artifacts(store["ids"]["rates"], "report")}
+    logged = {f.path for f in MlflowClient(hand_store["uri"]).list_artifacts(hand_store["ids"]["rates"], "report")}
     assert logged == {f"report/{name}" for name in expected}
 
 
-def test_report_table_study_compares_with_the_paper(store, tmp_path):
-    from analysis.report import main  # in-process: the subprocess path is checked above
+def test_report_table_study_compares_with_the_paper(hand_store, tmp_path):
+    from stawm.analysis.report import main  # in-process: the subprocess path is checked above
 
-    assert main(["--study", "table", "--tracking-uri", store["uri"], "--out", str(tmp_path), "--no-curves",
+    assert main(["--study", "table", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path), "--no-curves",
                  "--no-log"]) == 0
     md = (tmp_path / "table.md").read_text()
     assert "| mnist-class-28 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 |" in md
@@ -425,30 +528,78 @@ def test_report_table_study_compares_with_the_paper(store, tmp_path):
         "flagged": [1, 0], "complete": [False, True]}
 
 
-def test_report_unknown_study_exits_2_with_one_line(store, tmp_path, capsys):
-    from analysis.report import main  # in-process; `python -m analysis.report` is sys.exit(main())
+def test_report_unknown_study_exits_2_with_one_line(hand_store, tmp_path, capsys):
+    from stawm.analysis.report import main  # in-process; `python -m stawm.analysis.report` is sys.exit(main())
 
-    assert main(["--study", "nope", "--tracking-uri", store["uri"], "--out", str(tmp_path / "x")]) == 2
+    assert main(["--study", "nope", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path / "x")]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"error: no study (MLflow experiment) named 'nope' at {store['uri']}\n"
+    assert captured.err == f"error: no study (MLflow experiment) named 'nope' at {hand_store['uri']}\n"
     assert captured.out == ""
-    assert main(["--study", "empty", "--tracking-uri", store["uri"], "--out", str(tmp_path / "x")]) == 2
+    assert main(["--study", "empty", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: study 'empty' has no trial runs") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
 
+BAD_REPORT_INPUT = {  # extra flags: the one line on stderr
+    "out is under a file": (["--out", "{tmp}/file.txt/report"],
+                            "error: --out {tmp}/file.txt/report: {tmp}/file.txt is a file, not a folder; "
+                            "pass --out a folder path\n"),
+    "cache is under a file": (["--cache-dir", "{tmp}/file.txt/cache"],
+                              "error: --cache-dir {tmp}/file.txt/cache: {tmp}/file.txt is a file, not a folder; "
+                              "pass --cache-dir a folder path\n"),
+    "baseline without =": (["--baseline", "delta"],
+                           "error: --baseline 'delta' is not FIELD=VALUE; e.g. --baseline learnable_rates=False\n"),
+    "baseline names no field": (["--baseline", "dleta=0.2"],
+                                "error: --baseline names 'dleta', not a config field; "
+                                "e.g. --baseline learnable_rates=False\n"),
+    "baseline of the wrong type": (["--baseline", "delta=small"],
+                                   "error: --baseline delta='small' is not a valid float; "
+                                   "e.g. --baseline learnable_rates=False\n"),
+    "baseline matches no row": (["--baseline", "delta=0.3"],
+                                "error: --baseline: baseline {'delta': 0.3} matches 0 rows of the table, not one; "
+                                "name values of the swept fields ['delta', 'learnable_rates']\n"),
+    "metric no run logged": (["--metric", "test_eror"], None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REPORT_INPUT))
+def test_report_bad_input_exits_2_with_one_line_and_writes_nothing(case, hand_store, tmp_path, capsys):
+    from stawm.analysis.report import main
+
+    (tmp_path / "file.txt").write_text("a file")
+    extra, line = BAD_REPORT_INPUT[case]
+    argv = ["--study", "rates", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path / "report"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-log"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]  # a later --out or --cache-dir wins
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines(keepends=True)[-1]  # after the one progress line, if computed
+    if line is None:
+        assert err.startswith("error: --metric test_eror: no run of study 'rates' logged it; pass one of [")
+        assert "'test_error'" in err and err.count("\n") == 1
+    else:
+        assert err == line.replace("{tmp}", str(tmp_path))
+    assert not (tmp_path / "report").exists()  # checked or computed before anything was written
+
+
 def test_report_help_documents_the_flags():
     done = _report("--help")
-    assert done.returncode == 0
+    assert done.returncode == 0 and "python -m stawm.analysis.report" in done.stdout
     for flag in ("--study", "--tracking-uri", "--out", "--seeds", "--include-flagged", "--baseline", "--cache-dir"):
         assert flag in done.stdout
+
+
+def test_parse_baseline_keeps_a_tuple_value_whole():
+    from stawm.analysis.report import parse_baseline
+
+    assert parse_baseline("glimpse_channels=64,128, delta=0.2") == {"glimpse_channels": (64, 128), "delta": 0.2}
+    assert parse_baseline("learnable_rates=False") == {"learnable_rates": False} and parse_baseline(None) is None
 
 
 def test_inject_parameters_follows_papermill():
     import nbformat
 
-    from analysis.notebooks import inject_parameters
+    from stawm.analysis.notebooks import inject_parameters
 
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("# title"),
@@ -463,16 +614,44 @@ def test_inject_parameters_follows_papermill():
         inject_parameters(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), {})
 
 
+def test_notebooks_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    import nbformat
+
+    from stawm.analysis.notebooks import main
+
+    notebook = REPO / "analysis" / "table1.ipynb"
+    untagged = tmp_path / "untagged.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), untagged)
+    (tmp_path / "file.txt").write_text("a file")
+    cases = {
+        ("-p", "study"): "error: -p 'study' is not FIELD=VALUE; write -p NAME=VALUE, e.g. -p study=table1\n",
+        ("-p", "=x"): "error: -p '=x' is not FIELD=VALUE; write -p NAME=VALUE, e.g. -p study=table1\n",
+    }
+    for (flag, value), line in cases.items():
+        assert main([str(notebook), "--out", str(tmp_path / "o.ipynb"), flag, value]) == 2
+        assert capsys.readouterr().err == line
+    assert main([str(tmp_path / "nope.ipynb"), "--out", str(tmp_path / "o.ipynb")]) == 2
+    assert capsys.readouterr().err == (f"error: no notebook at {tmp_path / 'nope.ipynb'}; "
+                                       f"pass the path of an .ipynb file\n")
+    assert main([str(untagged), "--out", str(tmp_path / "o.ipynb")]) == 2
+    assert capsys.readouterr().err == (f"error: {untagged}: the notebook has no cell tagged 'parameters'; "
+                                       f"tag its cell of defaults `parameters`\n")
+    assert main([str(notebook), "--out", str(tmp_path / "file.txt" / "o.ipynb")]) == 2
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'file.txt'}: {tmp_path / 'file.txt'} is a file, "
+                                       f"not a folder; pass --out a folder path\n")
+    assert not (tmp_path / "o.ipynb").exists()
+
+
 def test_notebook_kernel_is_this_interpreter(tmp_path):
     import nbformat
 
-    from analysis.notebooks import run_notebook
+    from stawm.analysis.notebooks import run_notebook
 
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("import sys, analysis\nprint(sys.executable, x)")])
+        nbformat.v4.new_code_cell("import sys, stawm.analysis\nprint(sys.executable, x)")])
     nbformat.write(nb, tmp_path / "probe.ipynb")
-    done = run_notebook(tmp_path / "probe.ipynb", {"x": 7}, tmp_path / "out.ipynb")
+    done = run_notebook(tmp_path / "probe.ipynb", {"x": 7}, tmp_path / "out.ipynb", cwd=tmp_path)
     assert done.cells[1].metadata["tags"] == ["injected-parameters"]
     assert done.cells[2].outputs[0]["text"].strip() == f"{sys.executable} 7"
 
@@ -487,28 +666,29 @@ NOTEBOOKS = {  # notebook: (study, files it must write)
 
 
 @pytest.mark.slow
-def test_notebooks_run_headless(store, tmp_path):
+def test_notebooks_run_headless(hand_store, tmp_path):
     """All three notebooks, top to bottom, on their own kernels at once (each waits mostly on imports)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from analysis.notebooks import run_notebook
+    from stawm.analysis.notebooks import run_notebook
 
     def run(name):
         study, _ = NOTEBOOKS[name]
-        params = {"tracking_uri": store["uri"], "study": study, "out_dir": str(tmp_path / name)}
+        params = {"tracking_uri": hand_store["uri"], "study": study, "out_dir": str(tmp_path / name)}
         if name != "table1":
             params["cache_dir"] = str(tmp_path / "cache" / name)
         return run_notebook(REPO / "analysis" / f"{name}.ipynb", params, tmp_path / f"{name}.ipynb")
 
     with ThreadPoolExecutor(len(NOTEBOOKS)) as pool:
         done = dict(zip(NOTEBOOKS, pool.map(run, NOTEBOOKS)))
-    for name, (study, files) in NOTEBOOKS.items():
-        assert files <= {p.name for p in (tmp_path / name).iterdir()}, name
+    for name, (study, expected) in NOTEBOOKS.items():
+        assert expected <= {p.name for p in (tmp_path / name).iterdir()}, name
         outputs = [o for c in done[name].cells if c.cell_type == "code" for o in c.outputs]
         assert not [o for o in outputs if o.output_type == "error"], name
         assert any("image/png" in o.get("data", {}) for o in outputs) or name == "table1", name
-    tables = {name: (tmp_path / "table1" / f"table{name}.md").read_text() for name in ("1a", "1b")}
-    assert tables == {name: t.markdown for name, t in R.table1(R.load_runs("table", store["uri"]), 5).items()}
+    written = {name: (tmp_path / "table1" / f"table{name}.md").read_text() for name in ("1a", "1b")}
+    assert written == {name: t.markdown for name, t in tables.table1(store.load_runs("table", hand_store["uri"]),
+                                                                    5).items()}
 
 
 @pytest.mark.slow
@@ -516,21 +696,23 @@ def test_notebooks_and_report_on_a_real_quick_study(quick_study, tmp_path):
     """What a user does after the README's main job: the report and the notebooks on its store."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from analysis.notebooks import run_notebook
+    from stawm.analysis.notebooks import run_notebook
 
     uri = quick_study["uri"]
-    runs = R.load_runs("t", uri)
+    runs = store.load_runs("t", uri)
     assert len(runs) == 4 and sorted(runs["glimpse_size"]) == [6, 6, 8, 8]
-    done = _report("--study", "t", "--tracking-uri", uri, "--out", str(tmp_path / "report"), "--no-log")
+    done = _report("--study", "t", "--tracking-uri", uri, "--out", str(tmp_path / "report"), "--no-log",
+                   "--cache-dir", str(tmp_path / "cache" / "report"))
     assert done.returncode == 0, done.stderr
     summary = pd.read_csv(tmp_path / "report" / "summary.csv")
     assert list(summary["glimpse_size"]) == [6, 8] and list(summary["n"]) == [2, 2]
     for size, row in summary.set_index("glimpse_size").iterrows():
-        errors = runs.loc[runs["glimpse_size"] == size, "test_error"]
+        errors = runs.loc[runs["glimpse_size"] == size, schema.TEST_ERROR]
         assert row["test_error_mean"] == pytest.approx(errors.mean())
         assert row["test_error_std"] == pytest.approx(errors.std(ddof=1))
     assert {"table.md", "table.tex", "ablation_glimpse_size.png", "ablation_glimpse_size.svg"} <= {
         p.name for p in (tmp_path / "report").iterdir()}
+    assert _ticks(plots.plot_ablation(runs, "glimpse_size").axes[0]) == ["6", "8"]  # not 6.25, 6.5, ...
 
     def run(name):
         params = {"tracking_uri": uri, "study": "t", "out_dir": str(tmp_path / name)}

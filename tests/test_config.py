@@ -90,7 +90,8 @@ def test_presets_follow_the_paper_where_it_speaks_and_the_authors_where_it_is_si
     assert (pad.glimpse_size, pad.glimpse_channels, pad.glimpses, pad.query_dropout) == (8, (128,), 6, 0.0)
     assert (pad.nll_reduction, pad.draw_loss_scale, pad.class_loss_scale) == ("sum", 1.0, 1.0)
     celeba = preset("celeba-draw-32")  # Appendix D's rates and dropout; the authors' blocks
-    assert (celeba.lr, celeba.dropout, celeba.lr_schedule, celeba.epochs, celeba.beta) == (1e-3, 0.3, "exponential", 250, 2.0)
+    assert (celeba.lr, celeba.dropout, celeba.lr_schedule, celeba.epochs, celeba.beta) == (
+        1e-3, 0.3, "exponential", 250, 2.0)
     assert (celeba.context_padding, celeba.glimpse_padding, celeba.batch_norm, celeba.conv_init) == (
         (1, 1, 1, 1), (2, 1, 1, 1), False, "default")
     assert celeba.decoder_output_padding and preset("mnist-draw-8").decoder_order == "mirror"

@@ -5,6 +5,7 @@ Tiny preset on a small slice of mnist-sample, dropout 0 and no augmentation (not
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -72,6 +73,14 @@ def test_fused_members_equal_their_plain_runs(data, plain, tmp_path):
     mean = "context_net.layers.0.1.running_mean"
     assert (stack[mean][0] - stack[mean][1]).abs().max() > 100 * TOL  # each member its own, not one shared
     assert torch.equal(stack["context_net.layers.0.1.num_batches_tracked"], torch.tensor([6, 6]))
+
+
+def test_both_loops_refuse_a_batch_larger_than_the_training_set(data):
+    cfg = base(batch_size=len(data.train) + 1)  # one steps_per_epoch for both: the same error
+    message = re.escape(f"batch_size={len(data.train) + 1} is larger than the training set ({len(data.train)} images)")
+    for run in (train(cfg, data=data), train_fused([cfg, cfg.replace(seed=1)], data=data)):
+        with pytest.raises(ValueError, match=message):
+            next(run)
 
 
 def test_fused_members_start_from_their_plain_initial_weights():

@@ -162,7 +162,7 @@ def test_network_output_sizes(name, authors_code):
 
 
 def _conv(c_in, c_out, kernel, batch_norm):
-    return kernel * kernel * c_in * c_out + (2 * c_out if batch_norm else c_out)  # BatchNorm's scale and shift, or a bias
+    return kernel * kernel * c_in * c_out + (2 * c_out if batch_norm else c_out)  # BatchNorm's scale + shift, or bias
 
 
 def _linear(n_in, n_out):

@@ -3,17 +3,14 @@
 - the share arithmetic, by hand (the probe that measures the peak needs a GPU: not run here);
 - the trainable on fused seeds, outside Ray (Tune's three calls faked): a diverging member's run is
   closed, flagged, while the other member goes on; a retried trial continues every member's run;
-- a real quick study with --fuse-seeds through a subprocess: one Tune trial per glimpse size, one
-  MLflow run per seed, and each member's numbers equal to its plain engine run.
+- a real quick study with --fuse-seeds through a subprocess (conftest's `studies`): one Tune trial per
+  glimpse size, one MLflow run per seed, and each member's numbers equal to its plain engine run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,12 +18,11 @@ import pytest
 from mlflow import MlflowClient
 from ray import tune
 
-from stawm import runner
+from stawm import gpu_share, runner, schema, tracking, trial
 from stawm.config import Config, preset
 from stawm.data import load_data
 from stawm.engine import train
 
-REPO = Path(__file__).resolve().parents[1]
 FIELDS = set(Config.__dataclass_fields__)
 
 
@@ -41,13 +37,14 @@ FIELDS = set(Config.__dataclass_fields__)
     (70000, 80000, 0, 8, 1.0),  # need 87500 is more than the GPU: still one whole GPU, never more
 ])
 def test_gpu_fraction_by_hand(peak, total, overhead, max_trials, expected):
-    assert runner.gpu_fraction(peak, total, overhead_mb=overhead, safety=1.25, max_trials=max_trials) == expected
+    assert gpu_share.gpu_fraction(peak, total, overhead_mb=overhead, safety=1.25, max_trials=max_trials) == expected
 
 
 def test_seed_space_is_a_seed_grid_or_the_fused_seeds(tmp_path):
     argv = ["--quick", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray")]
     plain = runner.parse_args("a study", preset="mnist-class-8", argv=argv)
-    fused = runner.parse_args("a study", preset="mnist-class-8", argv=[*argv, "--fuse-seeds", "--gpus-per-trial", "auto"])
+    fused = runner.parse_args("a study", preset="mnist-class-8",
+                              argv=[*argv, "--fuse-seeds", "--gpus-per-trial", "auto"])
     assert runner.seed_space(plain) == {"seed": tune.grid_search([0, 1])}
     assert runner.seed_space(fused) == {"_seeds": [0, 1]}
     assert fused.gpus_per_trial == "auto" and fused.device == "auto"  # chosen in start_study, once Ray is up
@@ -102,40 +99,40 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
         tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    experiment_id = runner._experiment(client, "fused", uri)
-    parent = client.create_run(experiment_id, tags={"stawm.role": "study", "stawm.study": "fused"}).info.run_id
+    experiment_id = tracking.experiment(client, "fused", uri)
+    parent = client.create_run(experiment_id, tags={schema.ROLE: schema.ROLE_STUDY, schema.STUDY: "fused"}).info.run_id
     config = {**preset("tiny", epochs=3, max_steps=2).to_flat(), "_study": "fused", "_experiment_id": experiment_id,
               "_parent_run_id": parent, "_tracking_uri": uri, "_device": "cpu", "_fuse_seeds": True,
               "_seeds": [0, 1], "_fail_once_at_epoch": 2}
     fake = FakeTune(tmp_path / "trial")
     fake.folder.mkdir()
-    monkeypatch.setattr(runner, "tune", fake)
-    monkeypatch.setattr(runner, "train_fused", diverging_member_1(runner.train_fused))
+    monkeypatch.setattr(trial, "tune", fake)
+    monkeypatch.setattr(trial, "train_fused", diverging_member_1(trial.train_fused))
 
     def runs() -> dict[int, object]:
-        found = client.search_runs([experiment_id], "tags.`stawm.role` = 'trial'")
-        return {int(run.data.tags["stawm.member"]): run for run in found}
+        found = client.search_runs([experiment_id], schema.tag_filter({schema.ROLE: schema.ROLE_TRIAL}))
+        return {int(run.data.tags[schema.MEMBER]): run for run in found}
 
     status_at_report = []
     fake.on_report = lambda metrics: status_at_report.append({k: r.info.status for k, r in runs().items()})
 
     with pytest.raises(RuntimeError, match="fault injected at epoch 2"):  # the first attempt: Tune would retry it
-        runner.trainable(config)
+        trial.trainable(config)
     assert {k: r.info.status for k, r in runs().items()} == {0: "FAILED", 1: "FINISHED"}
-    runner.trainable(config)  # the retry: from the epoch-1 checkpoint, into the same two runs
+    trial.trainable(config)  # the retry: from the epoch-1 checkpoint, into the same two runs
 
     assert status_at_report == [{0: "RUNNING", 1: "RUNNING"},  # epoch 1: member 1 is closed after its report
                                 {0: "RUNNING", 1: "FINISHED"}, {0: "RUNNING", 1: "FINISHED"}]
     by_member = runs()
     assert sorted(by_member) == [0, 1]
     for k, run in by_member.items():
-        assert run.info.status == "FINISHED" and run.data.tags["stawm.trial_id"] == "f0001"
-        assert run.data.tags["stawm.seed"] == run.data.params["seed"] == str(k)
+        assert run.info.status == "FINISHED" and run.data.tags[schema.TRIAL_ID] == "f0001"
+        assert run.data.tags[schema.SEED] == run.data.params["seed"] == str(k)
     steps = {k: [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] for k, r in by_member.items()}
     assert steps == {0: [1, 2, 3], 1: [1]}  # each epoch once: epoch 1 restored, not redone
     ok, diverged = by_member[0].data.tags, by_member[1].data.tags
-    assert (ok["stability.ok"], ok["stability.diverged"]) == ("true", "false")
-    assert (diverged["stability.ok"], diverged["stability.flags"], diverged["stability.diverged"]) == (
+    assert (ok[schema.STABILITY_OK], ok[schema.STABILITY_DIVERGED]) == ("true", "false")
+    assert (diverged[schema.STABILITY_OK], diverged[schema.STABILITY_FLAGS], diverged[schema.STABILITY_DIVERGED]) == (
         "false", "finite", "true")
 
     # Tune sees the mean over both seeds, the diverged one counted as wrong on every image
@@ -151,25 +148,20 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
 # --- a real quick study with --fuse-seeds -----------------------------------------------------------
 
 @pytest.mark.slow
-def test_glimpse_size_quick_with_fused_seeds_end_to_end(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    command = [sys.executable, "studies/glimpse_size.py", "--quick", "--fuse-seeds", "--gpus-per-trial", "auto",
-               "--tracking-uri", uri, "--storage", str(tmp_path / "ray"), "--name", "p", "--set", "max_steps=3",
-               "--epochs", "2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
+    # glimpse_size.py --quick --fuse-seeds --gpus-per-trial auto --epochs 2 --set max_steps=3 (conftest's `studies`)
+    stdout, uri = studies.stdout("fused"), studies.uri
 
     # Tune ran one trial per glimpse size, each over both seeds
-    assert "p: 2 trials" in done.stdout
-    lines = [line for line in done.stdout.splitlines() if "glimpse_size=" in line and "seed=0,1" in line]
+    assert "fused: 2 trials" in stdout
+    lines = [line for line in stdout.splitlines() if "glimpse_size=" in line and "seed=0,1" in line]
     assert len(lines) == 2 and all("stable" in line and "test_error=0." in line for line in lines)
-    assert "--gpus-per-trial auto: 0 GPU per trial (the Ray cluster has no GPU" in done.stdout
+    assert "--gpus-per-trial auto: 0 GPU per trial (the Ray cluster has no GPU" in stdout
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("p").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("stawm.role") == "study"]
-    children = [r for r in runs if r.data.tags.get("stawm.role") == "trial"]
+    runs = client.search_runs([client.get_experiment_by_name("fused").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_STUDY]
+    children = [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_TRIAL]
     assert len(children) + 1 == len(runs) and parent.info.status == "FINISHED"
     assert (parent.data.params["fuse_seeds"], parent.data.params["gpus_per_trial"],
             parent.data.params["gpu_fraction"]) == ("True", "auto", "0.0")
@@ -178,23 +170,23 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(tmp_path):
         ("6", "0"), ("6", "1"), ("8", "0"), ("8", "1")]
     trials = {}
     for child in children:
-        trials.setdefault(child.data.tags["stawm.trial_id"], []).append(child.data.tags["stawm.member"])
+        trials.setdefault(child.data.tags[schema.TRIAL_ID], []).append(child.data.tags[schema.MEMBER])
     assert sorted(sorted(members) for members in trials.values()) == [["0", "1"], ["0", "1"]]
 
     data = load_data("mnist-sample", validation_size=0, split_seed=0, image_size=28)  # what each trial loads
     for child in children:
         tags, params, run_id = child.data.tags, child.data.params, child.info.run_id
-        assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags["stawm.seed"] == params["seed"] == tags["stawm.member"]  # member k is seed k here
-        assert (tags["stability.ok"], tags["stability.flags"], tags["stability.static_ok"],
-                tags["stability.diverged"]) == ("true", "", "true", "false")
+        assert child.info.status == "FINISHED" and child.data.tags[schema.PARENT_RUN_ID] == parent.info.run_id
+        assert tags[schema.SEED] == params["seed"] == tags[schema.MEMBER]  # member k is seed k here
+        assert (tags[schema.STABILITY_OK], tags[schema.STABILITY_FLAGS], tags[schema.STABILITY_STATIC_OK],
+                tags[schema.STABILITY_DIVERGED]) == ("true", "", "true", "false")
         assert set(params) == FIELDS
         for key in ("train_loss", "test_error", "best_test_error", "max_w", "lr"):
             assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
         folder = Path(client.download_artifacts(run_id, "", str(tmp_path / run_id)))
-        cfg = Config.from_flat(json.loads((folder / "config.json").read_text()))
+        cfg = Config.from_flat(json.loads((folder / schema.CONFIG_ARTIFACT).read_text()))
         assert cfg == Config.from_flat(params) and (cfg.dropout, cfg.augment) == (0.0, "none")
-        report = json.loads((folder / "stability.json").read_text())
+        report = json.loads((folder / schema.STABILITY_ARTIFACT).read_text())
         assert report["ok"] and len(report["history"]) == 2
 
         # the member equals its plain run: nothing random in the forward pass (dropout 0, no augmentation)

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.cluster_utils import Cluster
 
-from stawm import runner
+from stawm import runner, schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def trial_runs(uri: str, name: str) -> tuple[MlflowClient, list]:
 
 
 def children(runs) -> list:
-    return [r for r in runs if r.data.tags.get("stawm.role") == "trial"]
+    return [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_TRIAL]
 
 
 def steps(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[int]:
@@ -96,16 +96,17 @@ def test_killed_study_resumes_on_two_nodes_with_one_run_per_trial(on_cluster, ml
     assert "resuming the Ray experiment" in resumed.stdout
 
     client, runs = trial_runs(mlflow_server, "killed")
-    parents = [r for r in runs if r.data.tags.get("stawm.role") == "study"]
+    parents = [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_STUDY]
     trials = children(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(trials) == 2 and len({r.data.tags["stawm.trial_id"] for r in trials}) == 2
+    assert len(trials) == 2 and len({r.data.tags[schema.TRIAL_ID] for r in trials}) == 2
     assert sorted(r.data.params["glimpse_size"] for r in trials) == ["6", "8"]
     for run in trials:
         assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags[schema.PARENT_RUN_ID] == parents[0].info.run_id
         assert steps(client, run.info.run_id) == list(range(1, epochs + 1))  # each epoch once, none lost
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "stability.json"}
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {schema.CONFIG_ARTIFACT, schema.STABILITY_ARTIFACT}
 
 
 @pytest.mark.slow
@@ -134,7 +135,7 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
     client, runs = trial_runs(mlflow_server, "fail-once")
     (run,) = children(runs)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["stawm.trial_id"] == result.metrics["trial_id"]
+    assert run.data.tags[schema.TRIAL_ID] == result.metrics["trial_id"]
     assert steps(client, run.info.run_id) == [1, 2, 3]  # epoch 1 once (restored, not redone), then 2 and 3
     assert steps(client, run.info.run_id, "best_test_error") == [1, 2, 3]
 
@@ -142,7 +143,8 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
 def test_resume_takes_the_newest_whole_checkpoint_and_empties_the_others(tmp_path):
     import json
 
-    from stawm.runner import CHECKPOINT, RUNNER_STATE, _restore_newest
+    from stawm.engine import CHECKPOINT
+    from stawm.tune_checkpoints import RUNNER_STATE, restore_newest
 
     def folder(index: int, epoch: int | None, payload: bytes, claimed: int | None = None) -> Path:
         path = tmp_path / "trial" / f"checkpoint_{index:06d}"
@@ -160,7 +162,7 @@ def test_resume_takes_the_newest_whole_checkpoint_and_empties_the_others(tmp_pat
     work = tmp_path / "work"
     work.mkdir()
 
-    checkpoint, state = _restore_newest(tune.Checkpoint.from_directory(str(named)), work)
+    checkpoint, state = restore_newest(tune.Checkpoint.from_directory(str(named)), work)
 
     assert Path(checkpoint.path) == newest and state["epoch"] == 3
     assert (work / CHECKPOINT).read_bytes() == b"epoch three"

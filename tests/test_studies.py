@@ -1,89 +1,105 @@
-"""Studies in small mode (--quick), run as a user runs them: a subprocess, real Ray, real MLflow (SQLite).
+"""Every study in small mode (--quick), run as a user runs them: a subprocess, real Ray, real MLflow (SQLite).
 
-Each end-to-end study starts its own local Ray (the path a user takes without RAY_ADDRESS); the
-runs are capped at 3 steps an epoch (`--set max_steps=3`) to keep the suite short.
+glimpse_size runs on its own local Ray, the path a user takes without RAY_ADDRESS (the session's
+`quick_study`); the others are submitted one after another to one Ray cluster, logging to one MLflow
+store (the session's `studies`, see conftest). Every run is capped at 3 steps an epoch. The tests
+check what lands in MLflow: one parent per experiment, its children nested under it, run counts per
+stage, statuses, params and metrics. Bad arguments are checked in-process through a study's
+`main(argv)`, and once through the script itself.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
+from stawm import schema
 from stawm.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-STEP_CAP = ["--set", "max_steps=3"]  # --quick trains whole epochs of the digit sample; 3 steps are enough here
 FIELDS = set(Config.__dataclass_fields__)
+SEARCH_SPACE = ["delta", "eta", "theta", "glimpse_size", "glimpses"]
 
 
-def study_env(**extra) -> dict:
-    """The user's environment without a cluster address or tracking URI of the caller's."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, **extra}
-
-
-def run_study(script: str, tmp: Path, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, f"studies/{script}", "--quick", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
-               "--storage", str(tmp / "ray"), "--name", "t", *flags]
-    done = subprocess.run(command, cwd=REPO, env=study_env(), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
+def study_main(script: str):
+    """The `main` of studies/SCRIPT.py, imported as a user's `python studies/SCRIPT.py` would run it."""
+    spec = importlib.util.spec_from_file_location(script, REPO / "studies" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def study_runs(uri: str, name: str):
-    """(parent run, child runs) of study `name`, checking the parent/child wiring on the way."""
+    """(client, parent run, child runs) of study `name`, checking the parent/child wiring on the way:
+    one parent, FINISHED, every other run of the experiment a trial nested under it."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"no MLflow experiment {name!r}"
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("stawm.role") == "study"]
-    children = [r for r in runs if r.data.tags.get("stawm.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_STUDY]
+    children = [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_TRIAL]
     assert len(parents) == 1 and len(parents) + len(children) == len(runs)
     parent = parents[0]
-    assert parent.data.tags["stawm.study"] == name and parent.info.status == "FINISHED"
+    assert parent.data.tags[schema.STUDY] == name and parent.info.status == "FINISHED"
     for child in children:
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags[schema.PARENT_RUN_ID] == parent.info.run_id
+        assert child.data.tags[schema.STUDY] == name and child.info.status == "FINISHED"
     return client, parent, children
 
+
+def epochs_logged(client: MlflowClient, run, key: str = schema.TRAIN_LOSS) -> list[int]:
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def trial_checkpoint(storage: Path, experiment: str, run) -> Path:
+    """The engine's checkpoint of a one-epoch trial's run, in its Tune trial folder (named by the trial id)."""
+    (folder,) = (storage / experiment).glob(f"trainable_{run.data.tags[schema.TRIAL_ID]}_*")
+    return folder / "checkpoint_000000" / "checkpoint.pt"
+
+
+# --- glimpse_size: a local Ray of its own ---------------------------------------------------------
 
 @pytest.mark.slow
 def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
     # the shared session run: studies/glimpse_size.py --quick --epochs 2 --set max_steps=3 (see conftest)
     client, parent, children = study_runs(quick_study["uri"], "t")
 
-    assert parent.data.params["seeds"] == "2" and parent.data.params["swept"] == "glimpse_size"
+    assert parent.data.params[schema.SEEDS] == "2" and parent.data.params[schema.SWEPT] == "glimpse_size"
     assert parent.data.params["quick"] == "True" and parent.data.params["epochs"] == "2"
     assert sorted((c.data.params["glimpse_size"], c.data.params["seed"]) for c in children) == [
         ("6", "0"), ("6", "1"), ("8", "0"), ("8", "1")]
-    assert len({c.data.tags["stawm.trial_id"] for c in children}) == 4
+    assert len({c.data.tags[schema.TRIAL_ID] for c in children}) == 4
     for child in children:
         tags, params = child.data.tags, child.data.params
-        assert child.info.status == "FINISHED"
-        assert tags["stawm.study"] == "t" and tags["stawm.preset"] == "tiny" and tags["stawm.gpu"] == "cpu"
-        assert tags["stawm.seed"] == params["seed"] and tags["stawm.git_commit"] and tags["stawm.host"]
-        assert (tags["stability.ok"], tags["stability.flags"], tags["stability.static_ok"],
-                tags["stability.diverged"]) == ("true", "", "true", "false")
+        assert tags[schema.PRESET] == "tiny" and tags[schema.GPU] == "cpu"
+        assert tags[schema.SEED] == params["seed"] and tags[schema.GIT_COMMIT] and tags[schema.HOST]
+        assert tuple(tags[t] for t in schema.STABILITY_TAGS) == ("true", "", "true", "false")
         assert set(params) == FIELDS  # every config field, as Config.to_flat() gives them
         cfg = Config.from_flat(params)
         assert (cfg.dataset, cfg.epochs, cfg.max_steps) == ("mnist-sample", 2, 3)
 
         run_id = child.info.run_id
-        for key in ("train_loss", "train_accuracy", "test_error", "delta", "eta", "theta", "max_w", "max_readout",
-                    "epoch_seconds", "images_per_second", "lr", "peak_memory_mb", "best_test_error"):
-            assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
-        errors = [m.value for m in client.get_metric_history(run_id, "test_error")]
-        best = [m.value for m in client.get_metric_history(run_id, "best_test_error")]
+        for key in (schema.TRAIN_LOSS, "train_accuracy", schema.TEST_ERROR, *schema.RATE_METRICS, "max_w",
+                    "max_readout", "epoch_seconds", "images_per_second", "lr", "peak_memory_mb",
+                    schema.BEST_TEST_ERROR):
+            assert epochs_logged(client, child, key) == [1, 2], key
+        errors = [m.value for m in client.get_metric_history(run_id, schema.TEST_ERROR)]
+        best = [m.value for m in client.get_metric_history(run_id, schema.BEST_TEST_ERROR)]
         assert all(0 <= e <= 1 for e in errors) and best == [errors[0], min(errors)]
 
         folder = Path(client.download_artifacts(run_id, "", str(tmp_path / run_id)))
-        assert Config.from_flat(json.loads((folder / "config.json").read_text())) == cfg
-        report = json.loads((folder / "stability.json").read_text())
+        assert Config.from_flat(json.loads((folder / schema.CONFIG_ARTIFACT).read_text())) == cfg
+        report = json.loads((folder / schema.STABILITY_ARTIFACT).read_text())
         assert report["ok"] and not report["diverged"] and len(report["history"]) == 2
 
     lines = [line for line in quick_study["stdout"].splitlines() if "glimpse_size=" in line and "seed=" in line]
@@ -91,79 +107,140 @@ def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
     assert f"mlflow ui --backend-store-uri {quick_study['uri']}" in quick_study["stdout"]
 
 
+# --- the other studies: one Ray cluster, one MLflow store -----------------------------------------
+
 @pytest.mark.slow
-def test_memory_rates_quick_flags_unstable_trials_and_goes_on(tmp_path):
-    run_study("memory_rates.py", tmp_path, "--seeds", "1", *STEP_CAP)
-    client, parent, children = study_runs(f"sqlite:///{tmp_path}/mlflow.db", "t")
-    assert parent.data.params["swept"] == "delta,eta,theta"
+def test_table1_quick_trains_each_selfsup_row_on_its_seeds_drawing_checkpoint(studies):
+    assert "table1: 8 trials" in studies.stdout("table1")
+    client, parent, children = study_runs(studies.uri, "table1")  # both stages under the one parent
+    assert parent.data.params[schema.SWEPT] == "preset,task,glimpse_size,glimpses"
+    by_task = {}
+    for child in children:
+        by_task.setdefault(child.data.params["task"], []).append(child)
+    # stage 1: the two supervised rows and the drawing models, 2 seeds each; stage 2: one selfsup run per seed
+    assert {task: len(runs) for task, runs in by_task.items()} == {"classify": 4, "draw": 2, "selfsup": 2}
+    assert sorted(int(c.data.params["glimpse_size"]) for c in by_task["classify"]) == [8, 8, 28, 28]
+    drawing = {c.data.params["seed"]: c for c in by_task["draw"]}
+    assert sorted(drawing) == sorted(c.data.params["seed"] for c in by_task["selfsup"]) == ["0", "1"]
+
+    weights = {seed: torch.load(trial_checkpoint(studies.storage, "table1", run), weights_only=True)["model"]
+               for seed, run in drawing.items()}
+    for run in by_task["selfsup"]:
+        seed, pretrained = run.data.params["seed"], Path(run.data.params["pretrained"])
+        assert pretrained == trial_checkpoint(studies.storage, "table1", drawing[seed])  # its own seed's drawer
+        assert pretrained.is_file() and epochs_logged(client, run) == [1]
+        assert schema.TEST_ERROR in run.data.metrics and schema.TEST_RECON_LOSS not in run.data.metrics
+        # the frozen drawing model is that checkpoint's: every tensor but the classifier's and the rates unchanged
+        trained = torch.load(trial_checkpoint(studies.storage, "table1-selfsup", run), weights_only=True)["model"]
+        frozen = [k for k in weights[seed] if not k.startswith(("classifier.", "memory."))]
+        assert len(frozen) > 20 and all(torch.equal(trained[k], weights[seed][k]) for k in frozen)
+        other = weights["1" if seed == "0" else "0"]
+        assert not all(torch.equal(trained[k], other[k]) for k in frozen)
+
+
+@pytest.mark.slow
+def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_over_fresh_seeds(studies):
+    studies.stdout("search")
+    client, parent, children = study_runs(studies.uri, "search-search")  # stage 1: the search
+    params = parent.data.params
+    assert (params[schema.SWEPT], params[schema.SEEDS], params["samples"], params["top"]) == (
+        ",".join(SEARCH_SPACE), "2", "2", "1")
+    suggestions = {}
+    for child in children:
+        suggestions.setdefault(tuple(child.data.params[k] for k in SEARCH_SPACE), []).append(child)
+    assert len(children) == 4 and len(suggestions) == 2
+    for runs in suggestions.values():  # the Repeater's index is the seed: 0..k-1 for every suggestion
+        assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+        assert all(r.data.params["validation_size"] == "500" and schema.VAL_ERROR in r.data.metrics for r in runs)
+    means = {key: statistics.fmean(r.data.metrics[schema.VAL_ERROR] for r in runs) for key, runs in suggestions.items()}
+    best = [key for key, mean in means.items() if mean == min(means.values())]
+
+    _, rerun_parent, rerun = study_runs(studies.uri, "search")  # stage 2: its own experiment and parent
+    assert rerun_parent.info.run_id != parent.info.run_id
+    assert sorted(r.data.params["seed"] for r in rerun) == ["100", "101"]  # fresh seeds, not the searched 0, 1
+    for run in rerun:
+        assert tuple(run.data.params[k] for k in SEARCH_SPACE) in best  # the lowest mean val_error over its seeds
+        assert run.data.params["validation_size"] == "0"  # the whole training set, scored on the test set
+        assert schema.TEST_ERROR in run.data.metrics and schema.VAL_ERROR not in run.data.metrics
+
+
+@pytest.mark.slow
+def test_glimpse_count_quick(studies):
+    studies.stdout("glimpse_count")
+    client, parent, children = study_runs(studies.uri, "glimpse_count")
+    assert parent.data.params[schema.SWEPT] == "glimpses" and parent.data.params[schema.SEEDS] == "1"
+    assert sorted(int(c.data.params["glimpses"]) for c in children) == [2, 4]
+    for child in children:
+        assert child.data.params["seed"] == "0" and epochs_logged(client, child) == [1]
+        assert child.data.tags[schema.STABILITY_OK] == "true" and 0 <= child.data.metrics[schema.TEST_ERROR] <= 1
+
+
+@pytest.mark.slow
+def test_learnable_rates_quick_learns_the_rates_only_when_asked(studies):
+    studies.stdout("learnable_rates")
+    client, parent, children = study_runs(studies.uri, "learnable_rates")
+    assert parent.data.params[schema.SWEPT] == "learnable_rates,delta,eta,theta"
+    by_mode = {child.data.params["learnable_rates"]: child for child in children}
+    assert sorted(by_mode) == ["False", "True"] and len(children) == 2
+    for learnable, child in by_mode.items():
+        start = {name: float(child.data.params[name]) for name in schema.RATE_METRICS}
+        assert start == {"delta": 0.2, "eta": 0.4, "theta": 0.5}  # the paper's initialisation
+        end = {name: child.data.metrics[name] for name in schema.RATE_METRICS}  # the rates after the epoch
+        as_stored = {name: float(np.float32(value)) for name, value in start.items()}  # a float32 buffer
+        if learnable == "False":
+            assert end == as_stored
+        else:
+            assert all(end[name] != as_stored[name] for name in end), end
+
+
+@pytest.mark.slow
+def test_memory_rates_quick_flags_unstable_trials_and_goes_on(studies, tmp_path):
+    studies.stdout("memory_rates")
+    client, parent, children = study_runs(studies.uri, "memory_rates")
+    assert parent.data.params[schema.SWEPT] == "delta,eta,theta"
     by_rates = {(float(c.data.params["delta"]), float(c.data.params["eta"])): c for c in children}
     assert sorted(by_rates) == [(0.2, 0.4), (0.2, 1e38), (1.5, 0.4)]
     for child in children:  # flagged, never dropped: every run ends FINISHED with its epoch logged
-        assert child.info.status == "FINISHED" and child.data.params["learnable_rates"] == "False"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
+        assert child.data.params["learnable_rates"] == "False" and epochs_logged(client, child) == [1]
 
     stable = by_rates[(0.2, 0.4)].data.tags
-    assert (stable["stability.ok"], stable["stability.flags"], stable["stability.diverged"]) == ("true", "", "false")
+    assert (stable[schema.STABILITY_OK], stable[schema.STABILITY_FLAGS], stable[schema.STABILITY_DIVERGED]) == (
+        "true", "", "false")
 
     oscillating = by_rates[(1.5, 0.4)]  # delta > 1: flagged before training, trained anyway
     tags = oscillating.data.tags
-    assert tags["stability.static_ok"] == "false" and "decay" in tags["stability.flags"].split(",")
-    assert tags["stability.ok"] == "false" and tags["stability.diverged"] == "false"
-    assert "test_error" in oscillating.data.metrics
+    assert tags[schema.STABILITY_STATIC_OK] == "false" and "decay" in tags[schema.STABILITY_FLAGS].split(",")
+    assert tags[schema.STABILITY_OK] == "false" and tags[schema.STABILITY_DIVERGED] == "false"
+    assert schema.TEST_ERROR in oscillating.data.metrics
 
     diverged = by_rates[(0.2, 1e38)]  # overflows during its first epoch
     tags = diverged.data.tags
-    assert tags["stability.diverged"] == "true" and "finite" in tags["stability.flags"].split(",")
-    assert tags["stability.static_ok"] == "true" and tags["stability.ok"] == "false"
+    assert tags[schema.STABILITY_DIVERGED] == "true" and "finite" in tags[schema.STABILITY_FLAGS].split(",")
+    assert tags[schema.STABILITY_STATIC_OK] == "true" and tags[schema.STABILITY_OK] == "false"
     folder = Path(client.download_artifacts(diverged.info.run_id, "", str(tmp_path / "diverged")))
-    report = json.loads((folder / "stability.json").read_text())
+    report = json.loads((folder / schema.STABILITY_ARTIFACT).read_text())
     assert report["diverged"] and report["conditions"]["finite"]["first_failed_epoch"] == 1
 
 
 # --- bad arguments: one line, exit status 2, before Ray starts --------------------------------------
 
-BAD_ARGUMENTS = {  # through the script, as a user meets them: one argparse error, one preflight error
-    "unknown preset": (["--preset", "nope"], ["--preset", "invalid choice", "mnist-class-8", "tiny"]),
-    "unwritable storage": (["--storage", "{file}/ray"], ["storage path", "not writable"]),
-}
-
-
-@pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory):
-    """All the bad invocations at once (each is a Python start-up: in parallel they overlap)."""
-    runs = {}
-    for case, (flags, _) in BAD_ARGUMENTS.items():
-        tmp = tmp_path_factory.mktemp("bad")
-        (tmp / "a-file").write_text("not a folder")
-        flags = [f.format(file=tmp / "a-file") for f in flags]
-        command = [sys.executable, "studies/glimpse_size.py", "--quick", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
-                   "--storage", str(tmp / "ray"), *flags]
-        env = study_env(RAY_TMPDIR=str(tmp / "raytmp"))  # where a Ray session would make its folder
-        runs[case] = (tmp, subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True))
-    results = {}
-    for case, (tmp, process) in runs.items():
-        stdout, stderr = process.communicate(timeout=180)
-        results[case] = (tmp, process.returncode, stdout, stderr)
-    return results
-
-
-@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
-def test_bad_arguments_fail_before_ray_starts(bad_runs, case):
-    tmp, _, stdout, stderr = bad_runs[case]
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("glimpse_size.py: error: "), stderr
-    for expected in BAD_ARGUMENTS[case][1]:
+def test_a_bad_argument_through_the_script_is_one_line_before_ray_starts(tmp_path):
+    # the one subprocess: the line names the script, and no Ray session folder appears
+    command = [sys.executable, "studies/glimpse_size.py", "--quick", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+               "--storage", str(tmp_path / "ray"), "--preset", "nope"]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "RAY_TMPDIR": str(tmp_path / "raytmp")}  # where a Ray session would make its folder
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("glimpse_size.py: error: "), done.stderr
+    for expected in ("--preset", "invalid choice", "mnist-class-8", "tiny"):
         assert expected in lines[0]
-    assert not (tmp / "raytmp").exists(), "a Ray session was started"
-    assert not (tmp / "ray" / "glimpse_size").exists()
+    assert not (tmp_path / "raytmp").exists(), "a Ray session was started"
+    assert not (tmp_path / "ray" / "glimpse_size").exists()
 
 
-def test_bad_arguments_exit_with_status_2(bad_runs):
-    assert {case: run[1] for case, run in bad_runs.items()} == {case: 2 for case in BAD_ARGUMENTS}
-
-
-BAD_SETTINGS = {  # the same validation in-process (no Python start-up each)
+BAD_SETTINGS = {  # through a study's main(argv), in-process (no Python start-up each)
+    "unwritable storage": (["--storage", "{file}/ray"], ["storage path", "not writable"]),
     "no seeds": (["--seeds", "0"], ["--seeds", "at least 1"]),
     "unreachable tracking": (["--tracking-uri", "http://127.0.0.1:{port}"], ["cannot reach MLflow tracking server"]),
     "unknown field": (["--set", "nope=1"], ["unknown config field", "nope"]),
@@ -179,17 +256,17 @@ BAD_SETTINGS = {  # the same validation in-process (no Python start-up each)
 def test_bad_settings_are_one_line_errors_before_ray_starts(tmp_path, capsys, free_port, case):
     import ray
 
-    from stawm import runner
-
+    (tmp_path / "a-file").write_text("not a folder")
     argv = ["--quick", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray"),
-            *(flag.format(port=free_port) for flag in BAD_SETTINGS[case][0])]
+            "--name", "bad", *(flag.format(port=free_port, file=tmp_path / "a-file") for flag in BAD_SETTINGS[case][0])]
     with pytest.raises(SystemExit) as exit:
-        runner.parse_args("a study", preset="mnist-class-8", argv=argv)
+        study_main("glimpse_size")(argv)
     assert exit.value.code == 2 and not ray.is_initialized()
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and ": error: " in lines[0]
     for expected in BAD_SETTINGS[case][1]:
         assert expected in lines[0]
+    assert not (tmp_path / "ray" / "bad").exists()
 
 
 def test_a_finished_study_is_not_overwritten_without_resume(tmp_path, capsys):
@@ -203,6 +280,6 @@ def test_a_finished_study_is_not_overwritten_without_resume(tmp_path, capsys):
     (tmp_path / "ray" / "done").mkdir(parents=True)
     (tmp_path / "ray" / "done" / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     with pytest.raises(SystemExit):
-        runner.parse_args("a study", preset="mnist-class-8", argv=argv)
+        study_main("glimpse_size")(argv)
     assert "pass --resume" in capsys.readouterr().err
     assert runner.parse_args("a study", preset="mnist-class-8", argv=[*argv, "--resume"]).resume

@@ -49,12 +49,11 @@ def test_quick_benchmark_runs_every_variant_and_reports_accuracy(tmp_path):
 
 
 def test_a_packed_trial_reports_each_epoch_with_its_training_window():
-    sys.path.insert(0, str(REPO / "studies"))
-    from throughput import trial
+    from stawm.benchmark import packed_trial
 
     cfg = preset("tiny", epochs=2, max_steps=1)
     reports = []
-    trial({"cfg": cfg.to_flat(), "device": "cpu", "data_root": None, "compile": "none", "precision": "fp32",
+    packed_trial({"cfg": cfg.to_flat(), "device": "cpu", "data_root": None, "compile": "none", "precision": "fp32",
            "threads": 1, "memory_fraction": 1.0}, reports.append)
     assert [r["epoch"] for r in reports] == [1, 2]
     assert all(r["start"] < r["end"] and 0 <= r["test_error"] <= 1 for r in reports)

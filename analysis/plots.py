@@ -1,0 +1,309 @@
+"""Figures of a study: ablations, training curves, the stability map, learned rates; `save_figure`.
+
+Every figure is drawn from runs (the shape in store.py) or metric histories and returned as a
+matplotlib Figure (no pyplot state: the report and the notebooks save or display it). Each title
+says what its bars or band are and over how many seeds. Swept values sit on categorical axes, so
+the ticks are exactly the values a study ran (numeric axes, log for rates over decades, with ticks
+at the values, only where a scale is needed: the stability map's δ = 1 and η = δ lines). Error bars
+and bands are seaborn's (`errorbar="sd"`: pandas' std, ddof=1, the same as `stats.aggregate`).
+How they look (style, palettes, titles, axes) is in style.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+
+from stawm import schema
+
+from . import style
+from .files import write_whole
+from .stats import OUTCOMES, aggregate, included, learnable, outcome, rate_fields
+from .tables import cell_text, spread_phrase
+
+if TYPE_CHECKING:  # matplotlib and seaborn are imported where used: `import` of the package stays quick
+    from matplotlib.figure import Figure
+
+DODGE = 0.8  # the width seaborn's dodged strips and swarms share among hue levels, per category
+SEEDS_ASIDE = 9  # typographic points the seeds' dots sit right of their mean, so neither hides the other
+FLAGGED = "0.3"  # dark grey, the colour of runs left out of the statistics: no series' colour
+
+
+def ablation_fields() -> tuple[str, ...]:
+    """The fields the ablations notebook plots (those a study sweeps)."""
+    return ("glimpse_size", "glimpses", *rate_fields())
+
+
+# --- ablations ----------------------------------------------------------------------------------
+
+
+def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_expected: int | None = None,
+                  include_flagged: bool = False, hue: str | None = None) -> Figure:
+    """`metric` against config field `x`: mean ± std (ddof=1) over seeds, with every seed's point.
+
+    `x` is categorical, one tick per value the runs have. `hue` (another swept field) draws one
+    series per value, side by side, so that different configurations are not pooled. Flagged runs
+    left out of the statistics are still drawn, as crosses; a configuration short of
+    `seeds_expected` seeds is labelled n=k/N.
+    """
+    from matplotlib.lines import Line2D
+
+    metric = metric or schema.TEST_ERROR
+    agg = aggregate(runs, [x] + ([hue] if hue else []), metric, seeds_expected, include_flagged)
+    label, scale = style.metric_label(metric)
+    order = style.ordered_text(agg[x])
+    levels = style.ordered_text(agg[hue]) if hue else [None]
+    colors = style.palette(max(len(levels), 2))
+    finite = np.isfinite(runs[metric].astype(float))
+    used = included(runs, include_flagged) & finite
+    left_out = ~used & finite & runs["flagged"].astype(bool)
+    data = pd.DataFrame({"x": runs[x].map(cell_text), "y": runs[metric].astype(float) * scale,
+                         "hue": runs[hue].map(cell_text) if hue else ""})
+    fig, (ax,) = style.figure()
+    _seeds_and_means(fig, ax, data[used], data[left_out], order, levels if hue else None, colors)
+    _label_short(ax, agg, x, hue, order, levels, colors, scale, seeds_expected or agg["n"].max())
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    if not used.any() and not left_out.any():
+        ax.text(0.5, 0.5, f"no run has a finite {metric}", transform=ax.transAxes, ha="center")
+        ax.set_yticks([])
+    ax.set_xlabel(x)
+    ax.set_ylabel(label)
+    handles = [] if hue else [Line2D([], [], marker="o", linestyle="none", color=colors[0], alpha=0.5,
+                                     label="each seed")]
+    if left_out.any():
+        handles.append(Line2D([], [], marker="X", linestyle="none", color=FLAGGED, label="flagged (left out)"))
+    handles += [Line2D([], [], marker="s", color=colors[j] if hue else "black",
+                       label=f"{hue}={level}" if hue else "mean ± std (ddof=1)") for j, level in enumerate(levels)]
+    ax.legend(handles=handles, fontsize=7)
+    spread = spread_phrase(agg, "n=k/N where fewer")
+    if seeds_expected is not None and not agg["complete"].all():
+        spread += " (n=k/N where fewer)"
+    style.title(ax, f"{label} against {x}\n{spread}; dots: seeds")
+    return style.finish(fig)
+
+
+def _seeds_and_means(fig, ax, used: pd.DataFrame, left_out: pd.DataFrame, order: list[str],
+                     levels: list[str] | None, colors: list) -> None:
+    """Seaborn's three layers of an ablation: a swarm of the seeds (set aside, right of their mean),
+    crosses for the flagged runs left out, and the mean ± std (ddof=1) of the seeds on top."""
+    import seaborn as sns
+    from matplotlib.transforms import ScaledTranslation
+
+    where = dict(x="x", y="y", order=order, legend=False, ax=ax)
+    if levels is not None:  # one series per level of the hue, side by side
+        where.update(hue="hue", hue_order=levels, dodge=True)
+    paint = dict(palette=colors[:len(levels)]) if levels is not None else dict(color=colors[0])
+    before = len(ax.collections)
+    if len(used):
+        sns.swarmplot(data=used, size=4, alpha=0.5, zorder=2, **where, **paint)
+    style.tag_new(ax, before, "seed")
+    aside = ScaledTranslation(SEEDS_ASIDE / 72, 0, fig.dpi_scale_trans)
+    for c in ax.collections[before:]:
+        c.set_offset_transform(ax.transData + aside)
+    before = len(ax.collections)
+    if len(left_out):
+        sns.stripplot(data=left_out, jitter=False, marker="X", size=6, zorder=3, **where,
+                      **(dict(palette=[FLAGGED] * len(levels)) if levels is not None else dict(color=FLAGGED)))
+    style.tag_new(ax, before, "flagged (left out)")
+    if len(used):
+        lines = len(ax.lines)
+        if levels is not None:  # seaborn's dodge for points spans the centres of its dodged swarms
+            paint = dict(paint, dodge=DODGE * (len(levels) - 1) / len(levels))
+        sns.pointplot(data=used, errorbar="sd", markers="s", markersize=5, linestyle="none", capsize=0.08,
+                      zorder=4, err_kws=dict(linewidth=1.2),
+                      **{**where, **(paint if levels is not None else dict(color="black"))})
+        for line in ax.lines[lines:]:  # with a marker: the means; bare segments: the ± std bars
+            line.set_gid("mean" if line.get_marker() not in (None, "None", "") else "std")
+
+
+def _label_short(ax, agg: pd.DataFrame, x: str, hue: str | None, order: list[str], levels: list,
+                 colors: list, scale: float, target: int) -> None:
+    """n=k/N beside each configuration short of its seeds: left of the mean (the seeds are on its
+    right), or at the foot of the axes when n=0 leaves no mean."""
+    step = DODGE / len(levels) if hue else 0
+    for r in agg[~agg["complete"]].to_dict("records"):
+        j = levels.index(cell_text(r[hue])) if hue else 0
+        at = order.index(cell_text(r[x])) + step * (j - (len(levels) - 1) / 2)
+        color = colors[j] if hue else FLAGGED
+        if r["n"]:
+            ax.annotate(f"n={r['n']}/{target}", (at, r["mean"] * scale), textcoords="offset points",
+                        xytext=(-7, 0), ha="right", va="center", fontsize=7, color=color)
+        else:
+            ax.annotate(f"n=0/{target}", (at, 0), xycoords=("data", "axes fraction"), textcoords="offset points",
+                        xytext=(0, 4), ha="center", va="bottom", fontsize=7, color=color)
+
+
+def ablation_figures(runs: pd.DataFrame, fields: Sequence[str], metric: str | None = None,
+                     seeds_expected: int | None = None, include_flagged: bool = False,
+                     swept: Sequence[str] = ()) -> dict[str, Figure]:
+    """`plot_ablation` for each field, named "ablation_<field>"; the first other `swept` field
+    (if any) is the hue, so that configurations differing in it are not pooled."""
+    figures = {}
+    for f in fields:
+        hue = next((s for s in swept if s != f), None)
+        figures[f"ablation_{f}"] = plot_ablation(runs, f, metric, seeds_expected, include_flagged, hue)
+    return figures
+
+
+# --- curves -------------------------------------------------------------------------------------
+
+
+def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.DataFrame | None = None,
+                include_flagged: bool = False) -> Figure:
+    """Mean curve over seeds with a ±std (ddof=1) band (bars for a single epoch), one per configuration.
+
+    `by` names runs columns (config fields) that tell configurations apart: the first sets the
+    colour, a second the line style, three or more one colour per combination. `runs` supplies
+    them when the history lacks them, and drops flagged runs unless `include_flagged`.
+    """
+    import seaborn as sns
+
+    by = [by] if isinstance(by, str) else list(by)
+    if runs is not None:
+        keep = runs if include_flagged else runs[~runs["flagged"].astype(bool)]
+        history = history.merge(keep[["run_id"] + [c for c in by if c not in history]], on="run_id")
+    metric = history["metric"].iloc[0] if len(history) else "value"
+    label, scale = style.metric_label(metric)
+    data = pd.DataFrame({"step": history["step"], "y": history["value"] * scale, "run_id": history["run_id"]})
+    roles = {}  # seaborn semantic -> the column of text labels behind it
+    if len(by) in (1, 2):
+        for role, name in zip(("hue", "style"), by):
+            data[name] = history[name].map(cell_text)
+            roles[role] = name
+    elif by:
+        data["configuration"] = history[by].apply(lambda r: ", ".join(f"{c}={cell_text(r[c])}" for c in by), axis=1)
+        roles["hue"] = "configuration"
+    fig, (ax,) = style.figure(width=5.6)
+    if len(data):
+        order = {role: style.ordered_text(history.sort_values(by)[name] if name in by else data[name])
+                 for role, name in roles.items()}
+        sns.lineplot(data=data, x="step", y="y", errorbar="sd", ax=ax,
+                     err_style="bars" if data["step"].nunique() < 2 else "band",
+                     **{role: name for role, name in roles.items()},
+                     **{f"{role}_order": o for role, o in order.items()},
+                     **(dict(palette=style.palette(len(order["hue"]))) if "hue" in roles
+                        else dict(color=style.palette(1)[0])),
+                     **(dict(markers=True, dashes=True) if "style" in roles else dict(marker="o")))
+        per_line = data.groupby([data[n] for n in roles.values()] or [np.zeros(len(data))])["run_id"].nunique()
+        seeds = f"{per_line.min()}" if per_line.min() == per_line.max() else f"{per_line.min()}–{per_line.max()}"
+    else:
+        seeds = "0"
+        ax.text(0.5, 0.5, "no history", transform=ax.transAxes, ha="center")
+    style.epochs_axis(ax, data["step"])
+    ax.set_ylabel(label)
+    left = "" if include_flagged or runs is None else "; flagged runs left out"
+    style.title(ax, f"{label}: mean ± std (ddof=1) over {seeds} seeds per line{left}")
+    if ax.get_legend() is not None:  # seaborn's, titled by the field(s): smaller, not rebuilt
+        sns.move_legend(ax, "best", fontsize=7, title_fontsize=7)
+    return style.finish(fig)
+
+
+# --- memory rates and stability -----------------------------------------------------------------
+
+
+def _theta_facets(theta: pd.Series) -> pd.Series:
+    if theta.nunique() <= 6:
+        return theta.map(lambda t: f"θ = {t:g}")
+    return pd.qcut(theta, 4, duplicates="drop").astype(str).map(lambda s: f"θ in {s}")
+
+
+def _dodged(fig: Figure, ax, x, y, points: float, **scatter) -> None:
+    """Scatter shifted sideways by a number of typographic points (so outcomes at one point show)."""
+    from matplotlib.transforms import ScaledTranslation
+
+    ax.scatter(x, y, transform=ax.transData + ScaledTranslation(points / 72, 0, fig.dpi_scale_trans), **scatter)
+
+
+def plot_stability_map(runs: pd.DataFrame) -> Figure:
+    """Each run at (delta, eta), one panel per theta, coloured by its Appendix A outcome.
+
+    Ticks sit at the swept values. Marker size and the number beside it count the runs at a
+    point; outcomes at one point are drawn side by side. The lines are the `decay` condition
+    (delta = 1) and the `eta_gt_delta` reading (eta = delta), drawn where they cross the panel.
+    """
+    from matplotlib.lines import Line2D
+
+    delta, eta, theta = schema.RATE_METRICS  # the config fields of the rates, named as their metrics
+    facets = _theta_facets(runs[theta])
+    names = sorted(facets.unique(), key=lambda s: runs.loc[facets == s, theta].min())
+    fig, axes = style.figure(len(names), width=4.2, height=3.8, sharey=True)
+    kinds, colors = outcome(runs), style.outcome_colors()
+    for ax, name in zip(axes, names):
+        here = runs[facets == name].assign(outcome=pd.Categorical(kinds[facets == name], OUTCOMES))
+        counts = here.groupby([delta, eta, "outcome"], observed=True).size().reset_index(name="count")
+        rank = counts.groupby([delta, eta]).cumcount()  # outcomes at one point, side by side
+        shift = 7 * (rank - (counts.groupby([delta, eta])["count"].transform("size") - 1) / 2)
+        for kind in OUTCOMES:
+            mine = counts["outcome"] == kind
+            for (d, e, n), pt in zip(counts.loc[mine, [delta, eta, "count"]].itertuples(index=False), shift[mine]):
+                _dodged(fig, ax, [d], [e], pt, s=30 + 20 * n, color=colors[kind], zorder=3,
+                        edgecolor="white", linewidth=0.5)
+                if n > 1:
+                    ax.annotate(str(n), (d, e), textcoords="offset points", xytext=(pt, 7), ha="center",
+                                fontsize=6, color=colors[kind])
+        x_lo, x_hi = style.value_axis(ax, "x", runs[delta])
+        y_lo, y_hi = style.value_axis(ax, "y", runs[eta])
+        if x_lo <= 1.0 <= x_hi:
+            ax.axvline(1.0, color="grey", linestyle="--", linewidth=1, label="δ = 1 (decay)")
+        lo, hi = max(x_lo, y_lo), min(x_hi, y_hi)
+        if lo < hi:
+            ax.plot([lo, hi], [lo, hi], color="grey", linestyle=":", linewidth=1, label="η = δ")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("delta (δ)")
+    axes[0].set_ylabel("eta (η)")
+    handles = {k: Line2D([], [], marker="o", linestyle="none", color=colors[k], label=k)
+               for k in OUTCOMES if (kinds == k).any()}  # one marker size: the size means a count
+    for ax in axes:  # the reference lines, once each
+        handles.update((lab, h) for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in handles)
+    handles = list(handles.values())
+    axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    style.title(axes[0], f"Appendix A outcome of each of {len(runs)} runs "
+                         f"(marker size and number: runs at a point)", 10, suptitle=True)
+    return style.finish(fig)
+
+
+def plot_rate_trajectories(history: pd.DataFrame, runs: pd.DataFrame | None = None) -> Figure:
+    """Learned delta, eta, theta per epoch, one line per run and a panel per rate.
+
+    `history` is `metric_histories(runs, schema.RATE_METRICS, ...)`; with `runs`, only learnable
+    runs are drawn, coloured by outcome.
+    """
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+
+    if runs is not None:
+        history = history[history["run_id"].isin(learnable(runs)["run_id"])]
+    rates = [r for r in schema.RATE_METRICS if r in set(history["metric"])]
+    if not rates:
+        raise ValueError(f"no rate histories ({', '.join(schema.RATE_METRICS)}) of learnable runs to plot")
+    kinds = outcome(runs).set_axis(runs["run_id"]) if runs is not None else None
+    data = history.assign(outcome=history["run_id"].map(kinds) if kinds is not None else OUTCOMES[0])
+    present = [k for k in OUTCOMES if k in set(data["outcome"])]
+    colors = style.outcome_colors()
+    fig, axes = style.figure(len(rates), width=3.8)
+    for ax, rate in zip(axes, rates):
+        sns.lineplot(data=data[data["metric"] == rate], x="step", y="value", hue="outcome", hue_order=present,
+                     palette=colors, units="run_id", estimator=None, marker="o", markersize=4, linewidth=1,
+                     alpha=0.7, legend=False, ax=ax)
+        if rate == schema.RATE_METRICS[0]:  # delta: the decay bound
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(rate, fontsize=10)
+        style.epochs_axis(ax, data["step"])
+        ax.set_ylabel("rate" if ax is axes[0] else "")
+    handles = [Line2D([], [], marker="o", markersize=4, color=colors[k], label=k) for k in present]
+    axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    style.title(axes[0], f"learned memory rates of {data['run_id'].nunique()} runs "
+                         f"(one line per run; dashed: δ = 1)", 10, suptitle=True)
+    return style.finish(fig)
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Write the figure as out_dir/name.<format> for each format, each file whole; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_whole(out / f"{name}.{ext}", lambda tmp, ext=ext: fig.savefig(tmp, dpi=150, format=ext))
+            for ext in formats]

@@ -1,0 +1,116 @@
+"""How the figures look: one style, palettes, titles that fit, and axes whose ticks are the values run.
+
+The pieces plots.py draws with. A figure is a bare matplotlib Figure (no pyplot state), laid out
+once when it is finished; matplotlib and seaborn are imported inside the functions, so importing
+the package stays quick.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .stats import OUTCOMES
+from .tables import cell_text, is_percent
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def palette(n: int) -> list:
+    """n colours told apart with colour-blindness too."""
+    import seaborn as sns
+
+    return sns.color_palette("colorblind", n)
+
+
+def outcome_colors() -> dict:
+    """A colour per Appendix A outcome, the same in every figure (passed green, diverged red)."""
+    c = palette(8)
+    return dict(zip(OUTCOMES, (c[2], c[1], c[4], c[3])))
+
+
+def figure(ncols: int = 1, width: float = 4.8, height: float = 3.6, sharey: bool = False):
+    """A figure of `ncols` panels side by side in seaborn's whitegrid style: (fig, axes)."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height))  # laid out once by finish(): no layout engine rerun per save
+    with sns.axes_style("whitegrid"):
+        axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
+    return fig, axes
+
+
+def finish(fig: Figure) -> Figure:
+    """The figure laid out, titles and legends included."""
+    fig.tight_layout()
+    return fig
+
+
+def title(ax, text: str, fontsize: float = 9, suptitle: bool = False) -> None:
+    """A title wrapped to the width of its axes (or figure), so no line runs off the edge."""
+    fig = ax.figure
+    inches = fig.get_figwidth() * (0.95 if suptitle else ax.get_position().width)
+    chars = int(inches * 72 / (0.55 * fontsize))  # an average glyph is about 0.55 em wide
+    lines = "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    (fig.suptitle if suptitle else ax.set_title)(lines, fontsize=fontsize)
+
+
+def metric_label(metric: str) -> tuple[str, float]:
+    """The axis label of a metric and the factor its logged values are shown with (100 for percent)."""
+    name = metric.replace("_", " ")
+    return (f"{name} (%)", 100.0) if is_percent(metric) else (name, 1.0)
+
+
+def ordered_text(values: pd.Series) -> list[str]:
+    """The distinct values as axis or legend labels, in the order given (aggregate sorts by value)."""
+    return list(dict.fromkeys(values.map(cell_text)))
+
+
+def tag_new(ax, before: int, gid: str) -> None:
+    """Name the collections a seaborn call just added (tests and readers find them); drop empty ones."""
+    for c in list(ax.collections[before:]):
+        if len(c.get_offsets()):
+            c.set_gid(gid)
+        else:
+            c.remove()
+
+
+def epochs_axis(ax, steps) -> None:
+    """Epochs on x: a tick at each epoch run when there are few, whole numbers otherwise."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    ax.set_xlabel("epoch")
+    run = np.unique(np.asarray(steps))
+    ax.xaxis.set_major_locator(FixedLocator(run) if 0 < len(run) <= 12 else MaxNLocator(integer=True))
+    if len(run) == 1:  # one epoch: a point in the middle, not a bare frame
+        ax.set_xlim(run[0] - 1, run[0] + 1)
+
+
+def log_scale(values) -> bool:
+    """Whether positive values span 20x or more: rates swept over decades."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    return len(v) > 1 and (v > 0).all() and v.max() / v.min() >= 20
+
+
+def value_axis(ax, which: str, values) -> tuple[float, float]:
+    """A numeric axis with ticks exactly at the distinct values (log when they span 20x or more);
+    returns the limits set."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    v = np.unique(np.asarray(values, dtype=float))
+    if log_scale(v):
+        getattr(ax, f"set_{which}scale")("log")
+        lo, hi = v.min() / 1.6, v.max() * 1.6
+    else:
+        pad = 0.15 * (v.max() - v.min()) or 0.25 * abs(v[0]) or 0.5
+        lo, hi = v.min() - pad, v.max() + pad
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(FixedLocator(v))
+    axis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
+    axis.set_minor_locator(NullLocator())  # no unlabelled lines between the values a study ran
+    getattr(ax, f"set_{which}lim")(lo, hi)
+    return lo, hi

@@ -1,0 +1,114 @@
+"""A trial's share of a GPU: chosen from a measured peak (--gpus-per-trial auto), then enforced in the trial.
+
+Ray's fractional GPUs (`{"gpu": 0.25}`) only set CUDA_VISIBLE_DEVICES; nothing stops a trial taking the
+whole GPU (../shared/PITFALLS.md). So the share is chosen from what a trial needs, measured once before
+the study by a probe (a few steps of the base config on a GPU of its own), and each trial then caps its
+own CUDA memory to the share (`trial_device`).
+
+The choice is recorded in the parent run's params (`gpu_fraction`, and when probed `probe_peak_mb`,
+`probe_overhead_mb`, `gpu_total_mb`), so that a resumed study keeps the share its trials started with.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+import torch
+
+from .config import Config
+from .engine import train
+from .fused import train_fused
+from .preflight import PreflightError
+
+GPU_SAFETY = 1.25  # on the probe's peak: a few steps of the base config, not a whole epoch of every trial
+MAX_TRIALS_PER_GPU = 8  # processes time-slice a GPU (../shared/PITFALLS.md): more add no throughput
+PROBE_STEPS = 5
+CHOICE_PARAMS = ("gpu_fraction", "probe_peak_mb", "probe_overhead_mb", "gpu_total_mb")
+
+
+def gpu_fraction(peak_mb: float, total_mb: float, *, overhead_mb: float = 0.0, safety: float = GPU_SAFETY,
+                 max_trials: int = MAX_TRIALS_PER_GPU) -> float:
+    """Each trial's share of a GPU: 1/k for the most trials k (at most `max_trials`) that fit on it.
+
+    A trial needs `peak_mb * safety + overhead_mb` (its allocator's peak with a margin, plus what its
+    process holds outside the allocator: the CUDA context, library handles). k = floor(total / need),
+    so the share is max(need / total, 1 / max_trials) rounded up to the next 1/k: k trials then fill a
+    GPU with no sliver left that no trial could use. A need above the whole GPU still gets 1 (k = 1).
+    E.g. peak 3,000 MiB on 80,000 MiB: need 3,750, 80,000 / 3,750 = 21.3, so 1/21 (with max_trials >= 21).
+    """
+    need = peak_mb * safety + overhead_mb
+    return 1 / max(1, min(max_trials, math.floor(total_mb / need)))
+
+
+def choose(args, previous: dict, seeds: list[int]) -> None:
+    """--gpus-per-trial auto: set args' share (gpu_choice, gpus_per_trial) and device from a probe, once per
+    study; a study that resumes keeps the share its parent run recorded (`previous`, its params), as its
+    restored trials' configs do. `seeds`: what a fused trial trains. PreflightError if --device cuda
+    was asked of a cluster without a GPU."""
+    if not args.gpu_choice:
+        if "gpu_fraction" in previous:
+            args.gpu_choice = {k: float(v) for k, v in previous.items() if k in CHOICE_PARAMS}
+            how = "as when the study started"
+        elif ray.cluster_resources().get("GPU", 0) < 1:
+            args.gpu_choice = {"gpu_fraction": 0.0}
+            how = "the Ray cluster has no GPU, so trials run on the CPU"
+        else:
+            configs = probe_configs(args.config, seeds if args.fuse_seeds else None)
+            probe = ray.get(_probe.remote(configs, args.data_root, fused=args.fuse_seeds))
+            fraction = gpu_fraction(probe["peak_mb"], probe["total_mb"], overhead_mb=probe["overhead_mb"])
+            args.gpu_choice = {"gpu_fraction": fraction, "probe_peak_mb": round(probe["peak_mb"], 1),
+                               "probe_overhead_mb": round(probe["overhead_mb"], 1),
+                               "gpu_total_mb": round(probe["total_mb"], 1)}
+            how = (f"measured on {probe['gpu']} in {PROBE_STEPS} steps: peak {probe['peak_mb']:.0f} MiB allocated "
+                   f"+ {probe['overhead_mb']:.0f} MiB outside the allocator, of {probe['total_mb']:.0f} MiB; "
+                   f"{round(1 / fraction)} trials per GPU")
+        print(f"--gpus-per-trial auto: {args.gpu_choice['gpu_fraction']:.4g} GPU per trial ({how})", flush=True)
+    args.gpus_per_trial = args.gpu_choice["gpu_fraction"]
+    if args.device == "cuda" and args.gpus_per_trial == 0:
+        raise PreflightError("--device cuda, but the Ray cluster has no GPU")
+    args.device = "cuda" if args.gpus_per_trial > 0 else "cpu"
+
+
+def probe_configs(config: dict, seeds: list[int] | None) -> list[dict]:
+    """What a trial of the study trains, cut to PROBE_STEPS steps: the base config, over `seeds` if fused.
+
+    The base config only: a grid that makes trials bigger (glimpse_size, memory_size) needs more; the
+    cap then stops the bigger trial (out of memory, loudly) rather than its neighbours."""
+    flat = {**config, "epochs": 1, "max_steps": PROBE_STEPS}
+    return [{**flat, "seed": seed} for seed in seeds] if seeds is not None else [flat]
+
+
+@ray.remote(num_gpus=1, max_calls=1)  # a GPU of its own; max_calls=1: the process exits and frees it
+def _probe(flat_cfgs: list[dict], data_root: str, fused: bool) -> dict:
+    """Train the configs (fused, or the one plain) for one capped epoch on a GPU; the CUDA memory that took.
+
+    Untested here: the machines the tests run on have no GPU (BENCHMARKS.md, "GPU: to be measured")."""
+    cfgs = [Config.from_flat(flat) for flat in flat_cfgs]
+    torch.cuda.reset_peak_memory_stats(0)
+    epochs = train_fused(cfgs, device="cuda", data_root=data_root or None) if fused else \
+        train(cfgs[0], device="cuda", data_root=data_root or None)
+    for _ in epochs:
+        pass
+    free, total = torch.cuda.mem_get_info(0)  # counts every process on the GPU: errs towards fewer trials
+    return {"peak_mb": torch.cuda.max_memory_allocated(0) / 2**20, "total_mb": total / 2**20,
+            "overhead_mb": (total - free - torch.cuda.memory_reserved(0)) / 2**20, "gpu": torch.cuda.get_device_name(0)}
+
+
+def trial_device(config: dict) -> tuple[str, str]:
+    """The trial's device and its name for the GPU tag; caps CUDA memory to a fractional GPU's share.
+
+    config: the trial's (runner keys `_device`, `_gpu_fraction`, `_gpu_overhead_mb`)."""
+    if config.get("_device", "cpu") != "cuda":
+        return "cpu", "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked but this trial sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    torch.cuda.reset_peak_memory_stats(0)  # peak_memory_mb is this trial's, also when Tune reuses the process
+    fraction = float(config.get("_gpu_fraction") or 1.0)
+    if fraction < 1.0:  # Ray only set CUDA_VISIBLE_DEVICES; nothing else stops a trial taking the whole GPU
+        # the cap binds torch's allocator only: what the process holds besides (CUDA context) comes off it
+        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+        torch.cuda.set_per_process_memory_fraction(fraction - float(config.get("_gpu_overhead_mb", 0)) / total_mb, 0)
+    return "cuda", torch.cuda.get_device_name(0)

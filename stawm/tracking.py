@@ -1,0 +1,151 @@
+"""MLflow: a study's experiment and parent run, one child run per Tune trial (and member), kept current.
+
+The layout is `stawm.schema`'s (its docstring): every tag, param, metric and artifact name written here
+is read from it when the function runs, so that a rename there renames what lands in the store.
+
+A child run is keyed to the Ray Tune trial id (and, for fused seeds, the member index) rather than
+opened afresh: a retried trial or a restored study continues its run, so every trial keeps exactly
+one MLflow run (MLflow's own Tune callback opens a second one after `Tuner.restore`, see
+../shared/PITFALLS.md). The trial's verdict (the stability tags) is rewritten every epoch, so that a
+run whose process dies mid-study still says how far it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from . import schema
+from .config import Config
+from .stability import StabilityMonitor
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NOT_PARAMS = ("changes", "config", "extra", "set", "resume", "gpu_choice")  # StudyArgs fields the parent omits
+
+
+def experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of the experiment `name`, created if new (artifacts beside a sqlite database)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever cwd the driver has
+        database = Path(tracking_uri[len("sqlite:///"):].partition("?")[0]).resolve()
+        location = (database.parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The commit of this checkout, "unknown" outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+# --- the study's parent run ---------------------------------------------------------------------
+
+
+def find_study_run(client: MlflowClient, experiment_id: str, name: str):
+    """The newest parent run of study `name`, or None."""
+    found = client.search_runs([experiment_id], schema.tag_filter({schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name}),
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def study_params(args, swept: list[str]) -> dict:
+    """The parent run's params: the study's flags (its own too), the seeds, the swept fields, the epochs
+    each trial trains and, with --gpus-per-trial auto, the share chosen (`gpu_share.choose`)."""
+    flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_PARAMS}
+    return {**flags, **args.extra, "set": ",".join(args.set), schema.SEEDS: args.seeds,
+            schema.SWEPT: ",".join(s for s in swept if s != "seed"), "epochs": args.config["epochs"],
+            **({"gpus_per_trial": "auto", **args.gpu_choice} if args.gpu_choice else {})}
+
+
+def create_study_run(client: MlflowClient, experiment_id: str, name: str, params: dict) -> str:
+    run_id = client.create_run(experiment_id, run_name=name,
+                               tags={schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name}).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run_id
+
+
+# --- a trial's runs -----------------------------------------------------------------------------
+
+
+def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: str, trial_name: str,
+                   gpu: str, member: int | None = None) -> tuple[str, bool]:
+    """The child run of the trial (or of its member, when fused): continued if one is tagged with this
+    trial id (and member index), else created. Returns the run id and whether it was continued.
+
+    config: the trial's, for its runner keys (`_experiment_id`, `_parent_run_id`, `_study`, `_git_commit`);
+    cfg: the member's Config, whose flat fields become the params."""
+    keys = {schema.PARENT_RUN_ID: config["_parent_run_id"], schema.TRIAL_ID: trial_id}
+    if member is not None:
+        keys[schema.MEMBER] = str(member)
+        trial_name = f"{trial_name}_seed{cfg.seed}"
+    found = client.search_runs([config["_experiment_id"]], schema.tag_filter(keys), max_results=1)
+    where = [RunTag(schema.HOST, socket.gethostname()), RunTag(schema.GPU, gpu)]  # a retry may move
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=where)
+        return run_id, True
+    tags = {**keys, schema.ROLE: schema.ROLE_TRIAL, schema.STUDY: config["_study"], schema.PRESET: cfg.preset,
+            schema.SEED: str(cfg.seed), schema.GIT_COMMIT: config.get("_git_commit", "unknown")}
+    run_id = client.create_run(config["_experiment_id"], run_name=trial_name, tags=tags).info.run_id
+    flat = cfg.to_flat()
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()],
+                     tags=[*where, *stability_tags(StabilityMonitor(cfg).report())])
+    client.log_dict(run_id, flat, schema.CONFIG_ARTIFACT)
+    return run_id, False
+
+
+def stability_tags(report: dict) -> list[RunTag]:
+    """The Appendix A verdict of a stability report, as the run's tags."""
+    return [RunTag(schema.STABILITY_OK, schema.tag_bool(report["ok"])),
+            RunTag(schema.STABILITY_FLAGS, ",".join(report["failed"])),
+            RunTag(schema.STABILITY_STATIC_OK, schema.tag_bool(report["static_ok"])),
+            RunTag(schema.STABILITY_DIVERGED, schema.tag_bool(report["diverged"]))]
+
+
+def log_epoch(client: MlflowClient, run_id: str, epoch: int, metrics: dict[str, float], report: dict) -> None:
+    """One epoch's metrics (step = epoch) and the verdict after it."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, value, now, epoch) for key, value in metrics.items()],
+                     tags=stability_tags(report))
+
+
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    """The last epoch the run logged (0 if none): every epoch logs TRAIN_LOSS."""
+    return max((m.step for m in client.get_metric_history(run_id, schema.TRAIN_LOSS)), default=0)
+
+
+def close_run(client: MlflowClient, run_id: str, report: dict, status: str, stopped_early: bool = False) -> None:
+    """End a trial's run: its final verdict as tags and the report as an artifact, then `status`."""
+    tags = [RunTag(schema.STOPPED_EARLY, schema.TRUE)] if stopped_early else []
+    client.log_batch(run_id, tags=[*stability_tags(report), *tags])
+    client.log_dict(run_id, report, schema.STABILITY_ARTIFACT)
+    client.set_terminated(run_id, status)
+
+
+def close_left_running(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
+                       members: list[dict], *, failed: bool, stopped_early: bool) -> None:
+    """End the trial's runs still RUNNING once Tune is done with it: a trial stopped by a scheduler (ASHA)
+    may be killed inside `tune.report` before it closes its runs; a trial whose process died (a lost
+    node, out of memory) cannot. members: each member's last saved runner state (its stability report)."""
+    runs = client.search_runs([experiment_id], schema.tag_filter({schema.PARENT_RUN_ID: parent_run_id,
+                                                                  schema.TRIAL_ID: trial_id}))
+    for run in (run for run in runs if run.info.status == "RUNNING"):
+        member = int(run.data.tags.get(schema.MEMBER, 0))
+        if member < len(members) and "stability" in members[member]:
+            client.log_dict(run.info.run_id, members[member]["stability"], schema.STABILITY_ARTIFACT)
+        if stopped_early:
+            client.set_tag(run.info.run_id, schema.STOPPED_EARLY, schema.TRUE)
+        client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
