@@ -58,6 +58,8 @@ class StudyArgs:
     epochs: int = _help("epochs per trial (default: the preset's, i.e. the paper's; 1 with --quick)", positive_int,
                        default=0)
     quick: bool = _help("small mode: tiny preset on mnist-sample, 1 epoch, 2 seeds, a small grid", default=False)
+    authors_code: bool = _help("start every configuration from the authors' script for its preset instead of the "
+                               "paper's (preset(name, authors_code=True); the differences: README)", default=False)
     gpus_per_trial: float | str = _help(
         "GPUs per trial; a fraction packs trials on one GPU and caps each one's CUDA memory to it. auto: "
         f"the share a {PROBE_STEPS}-step probe of the base config needs (its peak CUDA memory x {GPU_SAFETY} "
@@ -137,6 +139,8 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
         if args.cpus_per_trial <= 0:
             raise ValueError("--cpus-per-trial must be > 0")
         changes = {"dataset": QUICK["dataset"], "epochs": QUICK["epochs"]} if args.quick else {}
+        if args.authors_code:  # preset() applies it to whichever preset a configuration starts from
+            changes["authors_code"] = True
         if args.epochs:
             changes["epochs"] = args.epochs
         changes.update(schema.parse_pairs(args.set))

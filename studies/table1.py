@@ -7,12 +7,16 @@ Rows (presets of Appendix D, seeds 0..4 listed explicitly):
   stage 1 also trains mnist-draw-6 (N = 12) per seed; stage 2 freezes it (`pretrained` = that seed's
   last checkpoint) and trains the query, classifier and memory rates.
 
+--authors-code trains each row as the authors' script for its preset did (`preset(name, authors_code=True)`:
+for S_g = 28 that is N = 8 and the exponential schedule alone); the default is the paper's.
+
 Both stages are children of one MLflow parent run (experiment = --name); the drawing models are there
 too, told apart by `stawm.preset`. Ray keeps the stages as two experiments, NAME and NAME-selfsup.
 
     python studies/table1.py                           # the table: 20 trials, paper epochs (200 / 100)
     python studies/table1.py --quick                   # small mode: tiny-sized rows, 2 seeds, 1 epoch
     python studies/table1.py --resume                  # continue after a crash or a stop (either stage)
+    python studies/table1.py --authors-code --name table1-authors   # the rows as the authors' scripts ran them
 """
 
 import sys
@@ -22,12 +26,12 @@ from ray import tune
 from stawm import runner
 
 SEEDS = [0, 1, 2, 3, 4]  # the paper's 5 trials
-ROWS = {  # row -> (preset, fields changed in it)
+ROWS = {  # row -> (preset, fields changed in it); N is each preset's (10 for S_g = 28; with --authors-code, 8)
     "class-8": ("mnist-class-8", {}),
-    "class-28": ("mnist-class-28", {"glimpses": 10}),
-    "draw-6": ("mnist-draw-6", {"glimpses": 12}),
+    "class-28": ("mnist-class-28", {}),
+    "draw-6": ("mnist-draw-6", {}),
 }
-SELFSUP = ("mnist-selfsup-6", {"glimpses": 12})
+SELFSUP = ("mnist-selfsup-6", {})
 # --quick: the same rows at the tiny preset's sizes (drawing as in mnist-draw-6: addition canvas, no normalising)
 QUICK_DRAW = {"canvas": "addition", "normalize": False, "glimpse_size": 6}
 QUICK_ROWS = {

@@ -283,3 +283,21 @@ def test_a_finished_study_is_not_overwritten_without_resume(tmp_path, capsys):
         study_main("glimpse_size")(argv)
     assert "pass --resume" in capsys.readouterr().err
     assert runner.parse_args("a study", preset="mnist-class-8", argv=[*argv, "--resume"]).resume
+
+
+def test_authors_code_flag_starts_every_configuration_from_the_authors_script(tmp_path):
+    from stawm import runner
+
+    argv = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray"),
+            "--set", "dataset=mnist-sample", "--preset", "mnist-class-28"]
+    paper = runner.parse_args("a study", preset="mnist-class-8", argv=argv)
+    theirs = runner.parse_args("a study", preset="mnist-class-8", argv=[*argv, "--authors-code"])
+    assert (paper.config["glimpses"], paper.config["lr_schedule"], paper.config["authors_code"]) == (10, "paper", False)
+    assert (theirs.config["glimpses"], theirs.config["lr_schedule"], theirs.config["authors_code"]) == (
+        8, "exponential", True)
+    # a row from another preset (table1's) gets that preset's script: the draw-8 decoder runs stride 1 first
+    assert runner.variant(theirs, "mnist-draw-8")["decoder_order"] == "forward"
+    assert "decoder_order" not in runner.variant(paper, "mnist-draw-8")
+    explicit = runner.parse_args("a study", preset="mnist-class-8",
+                                 argv=[*argv, "--authors-code", "--set", "glimpses=10"])
+    assert explicit.config["glimpses"] == 10  # --set still has the last word
