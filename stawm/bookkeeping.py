@@ -172,7 +172,10 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, unsafe pickle...
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        # torch's own text runs to several lines (the weights_only explanation): say what matters in one
+        first = next((line for line in str(err).splitlines() if line.strip()), "")[:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first}); delete it "
+                              "to start afresh, or resume from another folder") from err
 
 
 def check_resume_identity(saved: dict, cfg: Config, checkpoint: str) -> None:

@@ -1,11 +1,14 @@
 """One training run from the command line.
 
-    python -m stawm.train --preset mnist-class-8 --epochs 1 --seed 0 --set memory_size=128 --set glimpses=4 \\
-        --json out.json
+    stawm-train --preset mnist-class-8 --epochs 1 --seed 0 --set memory_size=128 --set glimpses=4 --json out.json
+
+(`python -m stawm.train` is the same command.)
 
 Prints one summary line per epoch (and a progress bar when the terminal is interactive); with --json
 writes the final metrics (`test_error` as a fraction at the top level) and the stability report.
 A checkpoint is written atomically each epoch to --checkpoint-dir; `--resume DIR` continues one.
+Bad input (a flag, a config value, missing or damaged data or checkpoint files): one line on stderr
+naming it, exit status 2, before any epoch runs.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from .config import PRESETS, preset
 from .data import DATASETS, MissingDataError
 from .engine import CHECKPOINT, COMPILE_MODES, PRECISIONS, CheckpointError, final_metrics, train
 
+PROG = "stawm-train"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m stawm.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mnist-class-8", choices=sorted(PRESETS), metavar="NAME",
                    help=f"Appendix D configuration: {', '.join(sorted(PRESETS))} (default: %(default)s)")
+    p.add_argument("--authors-code", action="store_true",
+                   help="start from the authors' script for the preset instead of the paper (README's table)")
     p.add_argument("--epochs", type=int, help="epochs to train (default: the preset's, i.e. the paper's)")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation, dropout (default: 0)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -64,18 +71,15 @@ def main(argv=None) -> int:
             changes["epochs"] = args.epochs
         if args.dataset is not None:
             changes["dataset"] = args.dataset
-        cfg = preset(args.preset, seed=args.seed, **changes)
+        cfg = preset(args.preset, authors_code=args.authors_code, seed=args.seed, **changes)
     except schema.ParamError as err:  # ConfigError is one
-        print(f"python -m stawm.train: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
     checkpoint_dir = args.resume or args.checkpoint_dir or Path("runs") / f"{cfg.preset}-seed{cfg.seed}"
     if args.resume is None and (checkpoint_dir / CHECKPOINT).exists():
-        print(f"python -m stawm.train: error: {checkpoint_dir / CHECKPOINT} exists; continue it with "
-              f"--resume {checkpoint_dir} or choose another --checkpoint-dir", file=sys.stderr)
-        return 2
+        return _error(f"{checkpoint_dir / CHECKPOINT} exists; continue it with --resume {checkpoint_dir} "
+                      "or choose another --checkpoint-dir")
     if args.resume is not None and not (args.resume / CHECKPOINT).exists():
-        print(f"python -m stawm.train: error: no {CHECKPOINT} in {args.resume} to resume", file=sys.stderr)
-        return 2
+        return _error(f"no {CHECKPOINT} in {args.resume} to resume")
     progress = sys.stderr.isatty() and not args.no_progress
     records = []
     try:
@@ -84,9 +88,8 @@ def main(argv=None) -> int:
                             precision=args.precision):
             records.append(record)
             print(summary_line(record), flush=True)
-    except (MissingDataError, CheckpointError) as err:
-        print(f"python -m stawm.train: error: {err}", file=sys.stderr)
-        return 1
+    except (MissingDataError, CheckpointError) as err:  # the files given are the bad input
+        return _error(err)
     if not records:
         print(f"nothing to do: the checkpoint in {checkpoint_dir} already finished {cfg.epochs} epochs")
         return 0
@@ -95,6 +98,11 @@ def main(argv=None) -> int:
                   "checkpoint": str(checkpoint_dir / CHECKPOINT)}
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _error(message) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_fresh_start(tmp_path
     with pytest.raises(CheckpointError, match="memory_size: checkpoint 32 vs now 16"):
         next(train(cfg.replace(memory_size=16, epochs=2), checkpoint_dir=tmp_path, resume=True))
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
         next(train(cfg.replace(epochs=2), checkpoint_dir=tmp_path, resume=True))
 
 

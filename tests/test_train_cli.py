@@ -66,5 +66,28 @@ def test_missing_data_stops_before_training(tmp_path, capsys):
     status = exit_status(["--preset", "tiny", "--dataset", "mnist", "--data-root", str(tmp_path / "empty"),
                           "--epochs", "1", "--checkpoint-dir", str(tmp_path / "run")])
     printed = capsys.readouterr()
-    assert status == 1
+    assert status == 2
     assert "train-images-idx3-ubyte" in printed.err and "epoch" not in printed.out
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a torch file")
+    status = exit_status(["--preset", "tiny", "--epochs", "1", "--resume", str(run)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("stawm-train: error: ") and f"{run / 'checkpoint.pt'} is not a readable checkpoint" in err
+
+
+def test_damaged_mnist_is_one_line_and_status_2(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00" * 20)  # as if a download had been cut off after 20 bytes
+    status = exit_status(["--preset", "tiny", "--dataset", "mnist", "--data-root", str(tmp_path), "--epochs", "1",
+                          "--checkpoint-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "train-images-idx3-ubyte is not an MNIST IDX file" in err and "put the original" in err
