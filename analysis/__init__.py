@@ -7,6 +7,6 @@
 - plots: ablations, curves, the stability map, learned rates (style: how they look)
 - files: writing files whole
 
-`python -m stawm.analysis.report` and the notebooks in this folder (run headless with
-`python -m stawm.analysis.notebooks`) only call these. Nothing is imported here, so `--help` stays quick.
+`stawm-report` and the notebooks in this folder (run headless with
+`stawm-notebook`) only call these. Nothing is imported here, so `--help` stays quick.
 """

@@ -1,6 +1,6 @@
 """Run the analysis notebooks headless, with parameters, as papermill does.
 
-    python -m stawm.analysis.notebooks analysis/table1.ipynb --out run.ipynb -p study=table1 -p tracking_uri=...
+    stawm-notebook analysis/table1.ipynb --out run.ipynb -p study=table1 -p tracking_uri=...
 
 Each notebook's first cell is tagged `parameters` and holds the defaults; `run_notebook` injects a
 cell tagged `injected-parameters` right after it (papermill's convention, so papermill can run the
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     from .files import NotWritable, check_writable
 
-    p = argparse.ArgumentParser(prog="python -m stawm.analysis.notebooks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="stawm-notebook", description=__doc__.split("\n\n")[0])
     p.add_argument("notebook", type=Path, help="the notebook to run")
     p.add_argument("--out", type=Path, required=True, help="where to write the executed notebook")
     p.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",

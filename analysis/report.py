@@ -1,6 +1,6 @@
 """Report of one study: table (Markdown, LaTeX), summary CSV and plots, logged on the study's parent run.
 
-    python -m stawm.analysis.report --study NAME --tracking-uri URI --out DIR
+    stawm-report --study NAME --tracking-uri URI --out DIR
 
 writes into DIR:
 - table.md, table.tex: test error per configuration, mean ± std (ddof=1) over seeds, beside the
@@ -33,7 +33,7 @@ class BadInput(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m stawm.analysis.report", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="stawm-report", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="study name (the MLflow experiment)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),

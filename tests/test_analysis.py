@@ -489,7 +489,8 @@ def test_stability_map_ticks_are_the_rates_run(hand_store):
 
 
 def _report(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "stawm.analysis.report", *args], cwd=cwd,
+    # the console script the package installs, from the interpreter's own environment
+    return subprocess.run([str(Path(sys.executable).parent / "stawm-report"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -584,7 +585,7 @@ def test_report_bad_input_exits_2_with_one_line_and_writes_nothing(case, hand_st
 
 def test_report_help_documents_the_flags():
     done = _report("--help")
-    assert done.returncode == 0 and "python -m stawm.analysis.report" in done.stdout
+    assert done.returncode == 0 and "usage: stawm-report" in done.stdout
     for flag in ("--study", "--tracking-uri", "--out", "--seeds", "--include-flagged", "--baseline", "--cache-dir"):
         assert flag in done.stdout
 
