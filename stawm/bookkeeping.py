@@ -138,7 +138,7 @@ def evaluation_record(test: dict[str, float], val: dict[str, float] | None) -> d
     """`evaluate`'s results ("error", "recon_loss") on the test split, and on the validation split if
     there is one, under their record keys (which are also their MLflow metric names)."""
     names = {"test": {"error": schema.TEST_ERROR, "recon_loss": schema.TEST_RECON_LOSS},
-             "val": {"error": schema.VAL_ERROR, "recon_loss": "val_recon_loss"}}
+             "val": {"error": schema.VAL_ERROR, "recon_loss": schema.VAL_RECON_LOSS}}
     return {names[split][name]: value for split, result in (("test", test), ("val", val))
             for name, value in (result or {}).items()}
 

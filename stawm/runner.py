@@ -36,7 +36,7 @@ from . import gpu_share, preflight, schema, tracking
 from .engine import CHECKPOINT
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, positive_int, seed_space, seeds, variant
 from .trial import RUNNER_KEYS, trainable, trial_config
-from .tune_checkpoints import member_states, read_state
+from .tune_checkpoints import checkpoint_uri, member_states, read_state
 
 __all__ = ["RUNNER_KEYS", "Study", "StudyArgs", "best_configs", "check_grid", "checkpoint_file", "finish_study",
            "parse_args", "positive_int", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
@@ -73,13 +73,15 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -
     except preflight.PreflightError as err:
         ray.shutdown()
         fail(str(err))
+    source, commit = tracking.source_name(), tracking.git_commit()
     if found is None:
-        parent = tracking.create_study_run(client, experiment_id, name, tracking.study_params(args, swept))
+        parent = tracking.create_study_run(client, experiment_id, name, tracking.study_params(args, swept), source,
+                                           commit)
     else:
-        parent = found.info.run_id
-        client.update_run(parent, status="RUNNING")
+        parent = tracking.reopen_study_run(client, found)
     base = {**args.config, "_study": name, "_experiment_id": experiment_id, "_parent_run_id": parent,
-            "_tracking_uri": args.tracking_uri, "_git_commit": tracking.git_commit(), "_data_root": args.data_root,
+            "_swept": [s for s in swept if s != "seed"], "_source": source,
+            "_tracking_uri": args.tracking_uri, "_git_commit": commit, "_data_root": args.data_root,
             "_device": args.device, "_gpu_fraction": args.gpus_per_trial,
             "_gpu_overhead_mb": args.gpu_choice.get("probe_overhead_mb", 0.0), "_fuse_seeds": args.fuse_seeds}
     return Study(name, parent, experiment_id, args.tracking_uri, list(swept), base)
@@ -120,10 +122,9 @@ def restored(args: StudyArgs, trainable, *, name: str | None = None) -> tune.Tun
     return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
 
 
-def checkpoint_file(args: StudyArgs, checkpoint: tune.Checkpoint) -> str:
+def checkpoint_file(checkpoint: tune.Checkpoint) -> str:
     """The engine's checkpoint.pt inside a Tune checkpoint, as a path or URI a trial on any node can read."""
-    scheme = args.storage.split("://")[0] + "://" if "://" in args.storage else ""
-    return f"{scheme}{checkpoint.path}/{CHECKPOINT}"
+    return checkpoint_uri(checkpoint, CHECKPOINT)
 
 
 def best_configs(results, keys: list[str], *, metric: str, top: int) -> list[dict]:
@@ -133,6 +134,29 @@ def best_configs(results, keys: list[str], *, metric: str, top: int) -> list[dic
     means = frame.dropna(subset=[metric]).groupby(columns)[metric].agg(["mean", "count"]).sort_values("mean")
     print(means.head(top).to_string())
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(keys, index)} for index in means.index[:top]]
+
+
+def optuna_storage(args: StudyArgs, study_name: str, url: str = ""):
+    """The Optuna storage a search keeps its study in, and its URL (to record and print).
+
+    Default: `optuna.db` beside a sqlite MLflow store (so a study's two records travel together), else in
+    the working folder. A study of that name already there is refused unless --resume continues it:
+    a new search would otherwise start from the old one's trials. Exits 2 before Ray starts."""
+    import optuna
+
+    if not url:
+        folder = (Path(args.tracking_uri[len("sqlite:///"):].partition("?")[0]).resolve().parent
+                  if args.tracking_uri.startswith("sqlite:///") else Path.cwd())
+        url = f"sqlite:///{folder / 'optuna.db'}"
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as err:  # a bad URL, a driver missing, a database it cannot open
+        fail(f"--optuna-storage {url}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+    if study_name in names and not args.resume:
+        fail(f"Optuna study {study_name!r} already exists in {url}: pass --resume to continue it, "
+             "or choose another --name")
+    return storage, url
 
 
 # --- the end of a study ----------------------------------------------------------------------------
@@ -153,8 +177,10 @@ def finish_study(study: Study, results) -> int:
         errors += result.error is not None
         print("  " + _summary_line(result, study.swept, trial_id or Path(result.path).name))
     client.set_terminated(study.parent_run_id, "FAILED" if errors else "FINISHED")
-    where = (f"mlflow ui --backend-store-uri {study.tracking_uri}" if not study.tracking_uri.startswith("http")
-             else study.tracking_uri)
+    # MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag says; the URL chooses training
+    page = f"#/experiments/{study.experiment_id}?workflowType=machine_learning"
+    where = (f"`mlflow ui --backend-store-uri {study.tracking_uri}`, then http://127.0.0.1:5000/{page}"
+             if not study.tracking_uri.startswith("http") else f"{study.tracking_uri.rstrip('/')}/{page}")
     print(f"MLflow experiment {study.name!r}, parent run {study.parent_run_id}: {where}", flush=True)
     return 1 if errors else 0
 
@@ -177,7 +203,7 @@ def _summary_line(result, swept: list[str], trial_id: str) -> str:
         config["seed"] = result.config["__trial_index__"]
     if "_seeds" in config:  # fused seeds: Tune's numbers are their means (`trial.fused_tune_metrics`)
         config["seed"] = ",".join(map(str, config["_seeds"]))
-    shown = " ".join(f"{k}={_short(config[k])}" for k in [*swept, "seed"] if k in config)
+    shown = tracking.run_name(config, swept)
     if result.error is not None:
         return f"{trial_id}  {shown}  ERROR: {str(result.error).strip().splitlines()[-1]}"
     m = result.metrics
@@ -187,6 +213,3 @@ def _summary_line(result, swept: list[str], trial_id: str) -> str:
     verdict = "stable" if m.get("stability_ok", True) else f"FLAGGED: {m.get('stability_flags', '')}"
     return f"{trial_id}  {shown}  {scores or 'no result'}  {verdict}"
 
-
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -7,12 +7,15 @@ from the project, nor torch, Ray or MLflow: the analysis side reads it on a mach
 
 The layout of a study in MLflow:
 - experiment = the study's name;
-- one parent run per study: ROLE = ROLE_STUDY, STUDY; params SEEDS, SWEPT and the study's flags;
+- the experiment tagged EXPERIMENT_KIND = EXPERIMENT_KIND_TRAINING;
+- one parent run per study, named after it: ROLE = ROLE_STUDY, STUDY, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE,
+  NOTE (the command line); params SEEDS, SWEPT and the study's flags;
 - one child run per Tune trial (and per member of a trial of fused seeds): PARENT_RUN_ID, ROLE =
-  ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, HOST, GPU, the Appendix A verdict
-  (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped it; params = the flat Config; metrics per
-  epoch (step = epoch) under the engine's record keys, BEST_TEST_ERROR beside them; artifacts
-  CONFIG_ARTIFACT and STABILITY_ARTIFACT.
+  ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, HOST, GPU,
+  CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped it; a run
+  name made of its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
+  digest; DATASET_CONTEXT); params = the flat Config; metrics per epoch (step = epoch) under the
+  engine's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT.
 """
 
 from __future__ import annotations
@@ -30,10 +33,19 @@ PRESET = "stawm.preset"
 SEED = "stawm.seed"
 TRIAL_ID = "stawm.trial_id"  # the Ray Tune trial id: a retried or restored trial continues its run
 MEMBER = "stawm.member"  # index of a fused seed inside its trial
-GIT_COMMIT = "stawm.git_commit"
+GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own: the UI shows it as the run's source version
+SOURCE_NAME = "mlflow.source.name"  # MLflow's own: the study script that made the run
+SOURCE_TYPE = "mlflow.source.type"
+SOURCE_TYPE_LOCAL = "LOCAL"  # a script run on this machine or a Ray cluster (MLflow's SourceType.LOCAL)
+NOTE = "mlflow.note.content"  # MLflow's own: the parent run's description, the exact command line
+CHECKPOINT = "stawm.checkpoint"  # URI of the trial's newest checkpoint (fused seeds: the stack's; MEMBER says which)
 HOST = "stawm.host"
 GPU = "stawm.gpu"
-STOPPED_EARLY = "stawm.stopped_early"  # "true" when a scheduler stopped the trial before its last epoch
+STOPPED_EARLY = "stawm.stopped_early"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag MLflow 3's UI reads to choose the experiment's first view
+EXPERIMENT_KIND_TRAINING = "custom_model_development"  # model training runs (not GenAI traces)
+DATASET_CONTEXT = "mlflow.data.context"  # tag of a run's dataset input: what the run used it for
+DATASET_CONTEXT_TRAINING = "training"  # "true" when a scheduler stopped the trial before its last epoch
 
 STABILITY_OK = "stability.ok"  # "true" unless a non-informational Appendix A condition failed
 STABILITY_FLAGS = "stability.flags"  # the failed conditions, comma-separated ("" if none)
@@ -53,6 +65,7 @@ VAL_ERROR = "val_error"
 BEST_TEST_ERROR = "best_test_error"  # running minimum of TEST_ERROR
 TRAIN_LOSS = "train_loss"  # logged every epoch: the last logged epoch of a run is its last TRAIN_LOSS step
 TEST_RECON_LOSS = "test_recon_loss"
+VAL_RECON_LOSS = "val_recon_loss"
 ERROR_METRICS = (TEST_ERROR, VAL_ERROR)
 RATE_METRICS = ("delta", "eta", "theta")  # the memory rates at the end of each epoch (learned when learnable)
 

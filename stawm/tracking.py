@@ -13,16 +13,21 @@ run whose process dies mid-study still says how far it got.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from . import schema
 from .config import Config
+from .data import DataBundle
 from .stability import StabilityMonitor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +37,16 @@ NOT_PARAMS = ("changes", "config", "extra", "set", "resume", "gpu_choice")  # St
 def experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """The id of the experiment `name`, created if new (artifacts beside a sqlite database)."""
     found = client.get_experiment_by_name(name)
+    kind = {schema.EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING}  # MLflow 3's UI: open on the training runs
     if found is not None:
+        if found.tags.get(schema.EXPERIMENT_KIND) != schema.EXPERIMENT_KIND_TRAINING:
+            client.set_experiment_tag(found.experiment_id, schema.EXPERIMENT_KIND, schema.EXPERIMENT_KIND_TRAINING)
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever cwd the driver has
         database = Path(tracking_uri[len("sqlite:///"):].partition("?")[0]).resolve()
         location = (database.parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=kind)
 
 
 def git_commit() -> str:
@@ -48,6 +56,35 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def source_name() -> str:
+    """The study script, relative to the checkout when it lies inside it (what MLflow shows as the source)."""
+    script = Path(sys.argv[0]).resolve()
+    return str(script.relative_to(PROJECT_ROOT)) if script.is_relative_to(PROJECT_ROOT) else sys.argv[0]
+
+
+def command_line() -> str:
+    """The exact command that started this process (the interpreter and its own flags included)."""
+    return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+
+
+def source_tags(source: str, commit: str) -> dict[str, str]:
+    """MLflow's own source tags, which its UI shows in the runs table and on each run."""
+    return {schema.SOURCE_NAME: source, schema.SOURCE_TYPE: schema.SOURCE_TYPE_LOCAL, schema.GIT_COMMIT: commit}
+
+
+def value_text(value) -> str:
+    """A config value as a run name shows it: floats to 4 significant digits, tuples as 64,128."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def run_name(values: dict, swept: list[str]) -> str:
+    """A trial's run name: its swept values, then its seed ("glimpse_size=8 seed=1")."""
+    return " ".join(f"{k}={value_text(values[k])}" for k in [*[s for s in swept if s != "seed"], "seed"]
+                    if k in values)
 
 
 # --- the study's parent run ---------------------------------------------------------------------
@@ -69,11 +106,22 @@ def study_params(args, swept: list[str]) -> dict:
             **({"gpus_per_trial": "auto", **args.gpu_choice} if args.gpu_choice else {})}
 
 
-def create_study_run(client: MlflowClient, experiment_id: str, name: str, params: dict) -> str:
-    run_id = client.create_run(experiment_id, run_name=name,
-                               tags={schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name}).info.run_id
+def create_study_run(client: MlflowClient, experiment_id: str, name: str, params: dict, source: str,
+                     commit: str) -> str:
+    """The parent run, named after the study; its description is the command that started it."""
+    tags = {schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name, **source_tags(source, commit),
+            schema.NOTE: f"Started with\n\n    {command_line()}\n"}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run_id
+
+
+def reopen_study_run(client: MlflowClient, run) -> str:
+    """A parent run continued by --resume: RUNNING again, the resuming command added to its description."""
+    note = run.data.tags.get(schema.NOTE, "")
+    client.set_tag(run.info.run_id, schema.NOTE, f"{note}\nResumed with\n\n    {command_line()}\n")
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 # --- a trial's runs -----------------------------------------------------------------------------
@@ -84,12 +132,13 @@ def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: st
     """The child run of the trial (or of its member, when fused): continued if one is tagged with this
     trial id (and member index), else created. Returns the run id and whether it was continued.
 
-    config: the trial's, for its runner keys (`_experiment_id`, `_parent_run_id`, `_study`, `_git_commit`);
-    cfg: the member's Config, whose flat fields become the params."""
+    config: the trial's, for its runner keys (`_experiment_id`, `_parent_run_id`, `_study`, `_git_commit`,
+    `_source`, `_swept`); cfg: the member's Config, whose flat fields become the params and, for the values
+    the study sweeps, the run's name (Tune's trial name when it sweeps nothing)."""
     keys = {schema.PARENT_RUN_ID: config["_parent_run_id"], schema.TRIAL_ID: trial_id}
     if member is not None:
         keys[schema.MEMBER] = str(member)
-        trial_name = f"{trial_name}_seed{cfg.seed}"
+    name = run_name(dataclasses.asdict(cfg), config.get("_swept", [])) or trial_name
     found = client.search_runs([config["_experiment_id"]], schema.tag_filter(keys), max_results=1)
     where = [RunTag(schema.HOST, socket.gethostname()), RunTag(schema.GPU, gpu)]  # a retry may move
     if found:
@@ -98,13 +147,28 @@ def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: st
         client.log_batch(run_id, tags=where)
         return run_id, True
     tags = {**keys, schema.ROLE: schema.ROLE_TRIAL, schema.STUDY: config["_study"], schema.PRESET: cfg.preset,
-            schema.SEED: str(cfg.seed), schema.GIT_COMMIT: config.get("_git_commit", "unknown")}
-    run_id = client.create_run(config["_experiment_id"], run_name=trial_name, tags=tags).info.run_id
+            schema.SEED: str(cfg.seed),
+            **source_tags(config.get("_source", "unknown"), config.get("_git_commit", "unknown"))}
+    run_id = client.create_run(config["_experiment_id"], run_name=name, tags=tags).info.run_id
     flat = cfg.to_flat()
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()],
                      tags=[*where, *stability_tags(StabilityMonitor(cfg).report())])
     client.log_dict(run_id, flat, schema.CONFIG_ARTIFACT)
     return run_id, False
+
+
+def log_dataset(client: MlflowClient, run_id: str, data: DataBundle) -> None:
+    """The dataset as the run's input: its name, where it was read from, and the digest of what was read."""
+    source = (CodeDatasetSource({schema.SOURCE_NAME: data.source}) if "/" not in data.source
+              else LocalArtifactDatasetSource(data.source))  # a package that ships it, or the folder of its files
+    dataset = MetaDataset(source, name=data.name, digest=data.digest())
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),  # MLflow's own conversion (3.x)
+                                            tags=[InputTag(schema.DATASET_CONTEXT, schema.DATASET_CONTEXT_TRAINING)])])
+
+
+def set_checkpoint(client: MlflowClient, run_id: str, uri: str) -> None:
+    """Point the run at its newest checkpoint (the file a `pretrained` field or a resume would read)."""
+    client.set_tag(run_id, schema.CHECKPOINT, uri)
 
 
 def stability_tags(report: dict) -> list[RunTag]:

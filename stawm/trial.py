@@ -18,16 +18,19 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from mlflow import MlflowClient
 from ray import tune
 
 from . import schema, tracking
+from .bookkeeping import load_training_data
 from .config import Config
+from .data import DataBundle
 from .engine import CHECKPOINT, train
 from .fused import FUSED_CHECKPOINT, train_fused
 from .gpu_share import trial_device
 from .stability import StabilityMonitor
-from .tune_checkpoints import keep_only, local_pretrained, member_states, restore_newest, save_state
+from .tune_checkpoints import checkpoint_uri, keep_only, local_pretrained, member_states, restore_newest, save_state
 
 RUNNER_KEYS = {
     "_study": "the study's name (MLflow experiment)",
@@ -35,6 +38,8 @@ RUNNER_KEYS = {
     "_parent_run_id": "MLflow parent run of the study",
     "_tracking_uri": "MLflow tracking URI; trials on other nodes do not see the driver's environment",
     "_git_commit": "commit of the driver's checkout",
+    "_source": "the study script (MLflow's source name)",
+    "_swept": "the config fields the study varies: a run is named after their values",
     "_data_root": "dataset folder (absolute: Tune moves each trial into its own directory)",
     "_device": "cpu or cuda",
     "_gpu_fraction": "share of a GPU per trial; below 1 the trial caps its CUDA memory to it",
@@ -77,8 +82,13 @@ def trainable(config: dict) -> None:
         _close_stopped(client, open_runs, members)  # stopped before the restart: their runs stay closed
         logged = [tracking.last_logged_epoch(client, run_id) if resumed else 0  # killed between a log and its report
                   for run_id, resumed in runs]
-        epochs = _member_epochs(cfgs, fused, device, config.get("_data_root") or None, workdir,
-                                resume=checkpoint is not None) if open_runs else []
+        epochs = []
+        if open_runs:
+            data = load_training_data(cfgs[0], config.get("_data_root") or None, torch.device(device))
+            for run_id, resumed in runs:
+                if not resumed:  # a continued run has its input already
+                    tracking.log_dataset(client, run_id, data)
+            epochs = _member_epochs(cfgs, fused, device, data, workdir, resume=checkpoint is not None)
         for records in epochs:
             epoch = next(record["epoch"] for record in records if record is not None)
             if epoch == fail_at:
@@ -96,6 +106,9 @@ def trainable(config: dict) -> None:
             tune.report(fused_tune_metrics(results, config["_seeds"]) if fused else results[0],
                         checkpoint=tune.Checkpoint.from_directory(workdir))
             checkpoint = keep_only(tune.get_checkpoint(), checkpoint)  # report returns once it is stored
+            uri = checkpoint_uri(checkpoint, FUSED_CHECKPOINT if fused else CHECKPOINT)
+            for run_id in open_runs.values():
+                tracking.set_checkpoint(client, run_id, uri)
             _close_stopped(client, open_runs, members)  # a diverged member: closed, flagged; the rest go on
     except SystemExit:  # Tune stopped the trial inside tune.report (a scheduler's decision): not a failure
         shutil.rmtree(workdir, ignore_errors=True)  # first: Tune may end this process any moment now
@@ -128,15 +141,15 @@ def member_configs(config: dict) -> list[Config]:
     return [cfg.replace(seed=seed) for seed in config["_seeds"]] if "_seeds" in config else [cfg]
 
 
-def _member_epochs(cfgs: list[Config], fused: bool, device: str, data_root: str | None, workdir: Path,
+def _member_epochs(cfgs: list[Config], fused: bool, device: str, data: DataBundle, workdir: Path,
                    resume: bool) -> Iterator[list[dict | None]]:
     """Per epoch, one record per member: train_fused's list, or engine.train's record as a list of one."""
     cfgs = [local_pretrained(cfg) for cfg in cfgs]
     if fused:
-        yield from train_fused(cfgs, device=device, data_root=data_root, checkpoint_dir=workdir, resume=resume)
+        yield from train_fused(cfgs, device=device, data=data, checkpoint_dir=workdir, resume=resume)
     else:
-        yield from ([record] for record in train(cfgs[0], device=device, data_root=data_root,
-                                                  checkpoint_dir=workdir, resume=resume))
+        yield from ([record] for record in train(cfgs[0], device=device, data=data, checkpoint_dir=workdir,
+                                                  resume=resume))
 
 
 def member_epoch(record: dict, member: dict) -> tuple[dict, dict]:

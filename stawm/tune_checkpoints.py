@@ -30,7 +30,17 @@ from .config import Config
 from .engine import CHECKPOINT
 from .fused import FUSED_CHECKPOINT
 
+URI_SCHEMES = {"gcs": "gs"}  # pyarrow filesystem type -> URI scheme, where they differ (s3 is s3)
 RUNNER_STATE = "runner_state.json"  # beside the engine's checkpoint.pt: epoch, its size, best_test_error, the report
+
+
+def checkpoint_uri(checkpoint: tune.Checkpoint, filename: str) -> str:
+    """The file `filename` inside a Tune checkpoint as a path (local storage) or a URI (s3://, gs://...)."""
+    kind = checkpoint.filesystem.type_name if checkpoint.filesystem is not None else "local"  # pyarrow's name
+    path = f"{checkpoint.path}/{filename}"
+    if kind == "local":
+        return path
+    return f"{URI_SCHEMES.get(kind, kind)}://{path}"
 
 
 def save_state(workdir: Path, epoch: int, members: list[dict], checkpoint: str) -> None:

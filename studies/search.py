@@ -15,6 +15,7 @@ chose them, as its own Tuner, MLflow experiment and parent run.
     python studies/search.py --asha --samples 100      # 100 suggestions, one seed each, ASHA early stopping
     python studies/search.py --quick                   # small mode: 2 suggestions x 2 seeds, then 2 seeds
     python studies/search.py --resume                  # continue after a crash or a stop (either stage)
+    optuna-dashboard sqlite:///optuna.db               # the search as Optuna kept it (study NAME-search)
 """
 
 import sys
@@ -46,6 +47,9 @@ def flags(parser) -> None:
     parser.add_argument("--validation-size", type=runner.positive_int,
                         help="training images held out to score the search (default: 10000; 500 with --quick)")
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    parser.add_argument("--optuna-storage", default="",
+                        help="Optuna storage URL the search is kept in, for optuna-dashboard and optuna.load_study "
+                             "(default: sqlite optuna.db beside a sqlite MLflow store, else in the working folder)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     space = QUICK_SPACE if args.quick else SPACE
     runner.check_grid(args, {"glimpse_size": space["glimpse_size"].categories, "validation_size": [validation_size]})
     swept = list(space)
+    # the Optuna study is named as the search's MLflow experiment; refused if it exists, unless --resume
+    storage, extra["optuna_storage"] = runner.optuna_storage(args, f"{args.name}-search", extra["optuna_storage"])
 
     # Stage 1: the search, scored on the validation split.
     study = runner.start_study(args, swept=swept, name=f"{args.name}-search")
     repeat = 1 if extra["asha"] else args.seeds
-    searcher = OptunaSearch(metric=schema.VAL_ERROR, mode="min", seed=extra["search_seed"])
+    searcher = OptunaSearch(metric=schema.VAL_ERROR, mode="min", seed=extra["search_seed"], storage=storage,
+                            study_name=study.name)
     if not extra["asha"]:
         searcher = Repeater(searcher, repeat=repeat, set_index=True)
     trainable = tune.with_resources(runner.trainable, runner.resources(args))

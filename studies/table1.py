@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         row = {**study.base_config, **result.config["_variant"]}
         if row["task"] == "draw" and result.error is None and result.checkpoint is not None:
-            drawn[row["seed"]] = runner.checkpoint_file(args, result.checkpoint)
+            drawn[row["seed"]] = runner.checkpoint_file(result.checkpoint)
     missing = [seed for seed in seeds if seed not in drawn]
     if missing:
         print(f"no drawing model for seeds {missing}: their self-supervised rows are left out")

@@ -154,13 +154,14 @@ def quick_study(tmp_path_factory) -> dict:
 # --- every other study's quick mode, on one Ray cluster -------------------------------------------
 
 STEP_CAP = ["--set", "max_steps=3"]  # --quick trains whole epochs of the digit sample; 3 steps are enough here
-STUDIES = {  # experiment (--name) -> the script and its flags, each as small as its tests allow
-    "table1": ("table1.py", STEP_CAP),  # 2 seeds: each seed's self-supervised run on its own drawing model
-    "search": ("search.py", STEP_CAP),  # 2 suggestions x 2 seeds, then the best over 2 fresh seeds
-    "glimpse_count": ("glimpse_count.py", ["--seeds", "1", *STEP_CAP]),
-    "learnable_rates": ("learnable_rates.py", ["--seeds", "1", *STEP_CAP]),
-    "memory_rates": ("memory_rates.py", ["--seeds", "1", *STEP_CAP]),
-    "fused": ("glimpse_size.py", ["--fuse-seeds", "--gpus-per-trial", "auto", "--epochs", "2", *STEP_CAP]),
+STUDIES = {  # label -> the script, its --name (MLflow experiment) and its flags, each as small as its tests allow
+    "table1": ("table1.py", "table1", STEP_CAP),  # 2 seeds: each seed's self-supervised run on its own drawer
+    "search": ("search.py", "search", STEP_CAP),  # 2 suggestions x 2 seeds, then the best over 2 fresh seeds
+    "search --resume": ("search.py", "search", [*STEP_CAP, "--resume"]),  # again: nothing left, nothing doubled
+    "glimpse_count": ("glimpse_count.py", "glimpse_count", ["--seeds", "1", *STEP_CAP]),
+    "learnable_rates": ("learnable_rates.py", "learnable_rates", ["--seeds", "1", *STEP_CAP]),
+    "memory_rates": ("memory_rates.py", "memory_rates", ["--seeds", "1", *STEP_CAP]),
+    "fused": ("glimpse_size.py", "fused", ["--fuse-seeds", "--gpus-per-trial", "auto", "--epochs", "2", *STEP_CAP]),
 }
 
 
@@ -197,12 +198,12 @@ def studies(tmp_path_factory) -> StudyRuns:
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "RAY_ADDRESS": cluster.address}
     runs, seconds = {}, {}
     try:
-        for name, (script, flags) in STUDIES.items():
+        for label, (script, name, flags) in STUDIES.items():  # in order: a --resume after its first run
             command = [sys.executable, f"studies/{script}", "--quick", "--tracking-uri", uri, "--storage", str(storage),
                        "--name", name, *flags]
             start = time.monotonic()
-            runs[name] = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-            seconds[name] = time.monotonic() - start
+            runs[label] = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            seconds[label] = time.monotonic() - start
     finally:
         cluster.shutdown()
     (tmp / "seconds.json").write_text(json.dumps(seconds, indent=1))  # kept beside the store, to budget the suite

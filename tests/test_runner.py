@@ -107,6 +107,13 @@ def test_killed_study_resumes_on_two_nodes_with_one_run_per_trial(on_cluster, ml
         assert steps(client, run.info.run_id) == list(range(1, epochs + 1))  # each epoch once, none lost
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert artifacts == {schema.CONFIG_ARTIFACT, schema.STABILITY_ARTIFACT}
+        # read back through the server: named after its values, one dataset input (not one per attempt)
+        assert run.info.run_name == f"glimpse_size={run.data.params['glimpse_size']} seed=0"
+        assert [d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs] == ["mnist-sample"]
+        assert Path(run.data.tags[schema.CHECKPOINT]).is_file()  # the newest checkpoint, after the resume
+    note = parents[0].data.tags[schema.NOTE]
+    assert note.count("studies/glimpse_size.py --quick") == 2 and "Resumed with" in note and "--resume" in note
+    assert client.get_experiment_by_name("killed").tags[schema.EXPERIMENT_KIND] == schema.EXPERIMENT_KIND_TRAINING
 
 
 @pytest.mark.slow

@@ -19,12 +19,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from stawm import schema
 from stawm.config import Config
+from stawm.data import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = set(Config.__dataclass_fields__)
@@ -107,6 +109,57 @@ def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
     assert f"mlflow ui --backend-store-uri {quick_study['uri']}" in quick_study["stdout"]
 
 
+@pytest.mark.slow
+def test_runs_read_as_mlflow_users_expect(quick_study):
+    """Named runs, MLflow's own source tags, the dataset as an input, the weights linked, the experiment's kind."""
+    client, parent, children = study_runs(quick_study["uri"], "t")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    experiment = client.get_experiment_by_name("t")
+    assert experiment.tags[schema.EXPERIMENT_KIND] == schema.EXPERIMENT_KIND_TRAINING == "custom_model_development"
+    assert parent.info.run_name == "t"
+    note = parent.data.tags[schema.NOTE]  # the parent's description: the command, flags as given in conftest
+    assert "studies/glimpse_size.py --quick --tracking-uri" in note and "--set max_steps=3" in note
+    expected_data = load_data("mnist-sample")
+    for run in (parent, *children):
+        tags = run.data.tags
+        assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("studies/glimpse_size.py", "LOCAL")
+        assert tags["mlflow.source.git.commit"] == commit
+    for child in children:
+        params = child.data.params
+        assert child.info.run_name == f"glimpse_size={params['glimpse_size']} seed={params['seed']}"
+        (dataset,) = child.inputs.dataset_inputs
+        assert (dataset.dataset.name, dataset.dataset.digest) == ("mnist-sample", expected_data.digest())
+        assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
+        weights = Path(child.data.tags[schema.CHECKPOINT])
+        assert weights.name == "checkpoint.pt" and weights.is_file()
+        state = torch.load(weights, weights_only=True)
+        assert state["epoch"] == 2 and Config.from_flat(state["config"]) == Config.from_flat(params)
+    assert len({c.info.run_name for c in children}) == len(children) == 4
+
+
+def test_the_dataset_digest_follows_the_content_not_the_packing(tmp_path):
+    import gzip
+
+    # two folders with the same four files, one gzipped: one digest; a changed label: another
+    sample = load_data("mnist-sample")
+    images, labels = sample.train.images.numpy(), sample.train.labels.numpy()
+    test_images, test_labels = sample.test.images.numpy(), sample.test.labels.numpy()
+    digests = []
+    for name, packed, flip in (("plain", False, False), ("gz", True, False), ("changed", False, True)):
+        folder = tmp_path / name / "MNIST" / "raw"
+        folder.mkdir(parents=True)
+        train_labels = labels.copy()
+        train_labels[0] = (train_labels[0] + 1) % 10 if flip else train_labels[0]
+        for file, array in (("train-images-idx3-ubyte", images[:, 0]), ("train-labels-idx1-ubyte", train_labels),
+                            ("t10k-images-idx3-ubyte", test_images[:, 0]), ("t10k-labels-idx1-ubyte", test_labels)):
+            header = np.array([2051 if array.ndim == 3 else 2049, *array.shape], dtype=">u4").tobytes()
+            content = header + array.astype(np.uint8).tobytes()
+            (folder / (file + ".gz" if packed else file)).write_bytes(gzip.compress(content) if packed else content)
+        digests.append(load_data("mnist", tmp_path / name, download=False).digest())
+    assert digests[0] == digests[1] != digests[2]
+    assert digests[0] == sample.digest()  # the same images and labels as the sample they were written from
+
+
 # --- the other studies: one Ray cluster, one MLflow store -----------------------------------------
 
 @pytest.mark.slow
@@ -154,6 +207,18 @@ def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_ov
         assert all(r.data.params["validation_size"] == "500" and schema.VAL_ERROR in r.data.metrics for r in runs)
     means = {key: statistics.fmean(r.data.metrics[schema.VAL_ERROR] for r in runs) for key, runs in suggestions.items()}
     best = [key for key, mean in means.items() if mean == min(means.values())]
+
+    # Optuna kept the search beside the MLflow store: one trial per suggestion, its value the mean over seeds
+    storage = f"sqlite:///{Path(studies.uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    assert params["optuna_storage"] == storage
+    for attempt in ("search", "search --resume"):
+        studies.stdout(attempt)
+        searched = optuna.load_study(study_name="search-search", storage=storage)
+        assert [t.state for t in searched.trials] == [optuna.trial.TrialState.COMPLETE] * 2  # none added on resume
+        for trial in searched.trials:
+            key = tuple(str(trial.params[k]) for k in SEARCH_SPACE)
+            assert trial.value == pytest.approx(means[key], abs=1e-9)
+    assert len(study_runs(studies.uri, "search-search")[2]) == 4  # and no MLflow run doubled by the resume
 
     _, rerun_parent, rerun = study_runs(studies.uri, "search")  # stage 2: its own experiment and parent
     assert rerun_parent.info.run_id != parent.info.run_id
@@ -301,3 +366,24 @@ def test_authors_code_flag_starts_every_configuration_from_the_authors_script(tm
     explicit = runner.parse_args("a study", preset="mnist-class-8",
                                  argv=[*argv, "--authors-code", "--set", "glimpses=10"])
     assert explicit.config["glimpses"] == 10  # --set still has the last word
+
+
+@pytest.mark.parametrize("case", ["exists", "bad url"])
+def test_search_refuses_an_optuna_study_it_would_mix_into_in_one_line(tmp_path, capsys, case):
+    import ray
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    if case == "exists":
+        optuna.create_study(study_name="s-search", storage=storage)  # an earlier search of this name
+    else:
+        storage = "nosuchdb://nowhere/optuna"
+    argv = ["--quick", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray"),
+            "--name", "s", "--optuna-storage", storage]
+    with pytest.raises(SystemExit) as stop:
+        study_main("search")(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and not ray.is_initialized()
+    if case == "exists":
+        assert f"Optuna study 's-search' already exists in {storage}: pass --resume" in err
+    else:
+        assert ": error: --optuna-storage nosuchdb://nowhere/optuna: NoSuchModuleError" in err
