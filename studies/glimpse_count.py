@@ -3,7 +3,7 @@
 Classification with the paper's 8x8 configuration (preset mnist-class-8), only N varied, crossed with
 seeds 0..4; everything else as Appendix D.
 
-    python studies/glimpse_count.py                    # the study: 6 glimpse counts x 5 seeds, 200 epochs each
+    python studies/glimpse_count.py                    # the study: N = 1 ... 12 x 5 seeds, 200 epochs each
     python studies/glimpse_count.py --quick            # small mode: tiny preset, N = 2 and 4, 2 seeds, 1 epoch
     python studies/glimpse_count.py --resume           # continue after a crash or a stop
 """
@@ -14,7 +14,7 @@ from ray import tune
 
 from stawm import runner
 
-GLIMPSES = [2, 4, 6, 8, 10, 12]
+GLIMPSES = list(range(1, 13))  # N = 1 ... 12
 QUICK_GLIMPSES = [2, 4]
 
 

@@ -2,12 +2,14 @@
 
 A grid that reaches into the region the conditions exclude: delta up to 2 (delta > 1 breaks `decay`:
 W oscillates), eta up to 2, theta including 0 (with W = 0 and theta = 0 nothing is ever written).
-Rates stay fixed. Every trial runs; the ones breaking a condition are flagged in MLflow, never
-dropped (`stability.ok`, `stability.flags`, `stability.static_ok`, `stability.diverged`).
+Rates stay fixed (with --learnable-rates the grid holds their starting points). Every trial runs; the
+ones breaking a condition are flagged in MLflow, never dropped (`stability.ok`, `stability.flags`,
+`stability.static_ok`, `stability.diverged`).
 
     python studies/memory_rates.py                     # the study: 6 x 4 x 3 rates x 5 seeds, 200 epochs each
     python studies/memory_rates.py --quick             # small mode: 3 settings x 2 seeds, tiny preset, 1 epoch
     python studies/memory_rates.py --resume            # continue after a crash or a stop
+    python studies/memory_rates.py --learnable-rates   # the same grid as starting points of learned rates
 
 Small mode runs three settings: the paper's (0.2, 0.4, 0.5), which is stable; delta = 1.5, flagged
 before training (`decay`) and trained anyway; and one that diverges during training (`finite`).
@@ -36,8 +38,13 @@ QUICK_SETTINGS = [
 ]
 
 
+def flags(parser) -> None:
+    parser.add_argument("--learnable-rates", action="store_true",
+                        help="start the rates at each grid point and let the optimiser train them (default: fixed)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, extra=flags)
     if args.quick:  # an explicit list of settings: each one is a trial's `_variant`
         runner.check_grid(args, variants=QUICK_SETTINGS)
         rates = {"_variant": tune.grid_search(QUICK_SETTINGS)}
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.check_grid(args, GRID)
         rates = {name: tune.grid_search(values) for name, values in GRID.items()}
     study = runner.start_study(args, swept=["delta", "eta", "theta"])
-    space = {**study.base_config, "learnable_rates": False, **rates, **runner.seed_space(args)}
+    space = {**study.base_config, "learnable_rates": args.extra["learnable_rates"], **rates, **runner.seed_space(args)}
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
