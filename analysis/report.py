@@ -1,6 +1,7 @@
 """Report of one study: table (Markdown, LaTeX), summary CSV and plots, logged on the study's parent run.
 
     stawm-report --study NAME --tracking-uri URI --out DIR
+    stawm-report --from analysis/results/NAME --out DIR      # from shipped results (export.py), no MLflow
 
 writes into DIR:
 - table.md, table.tex: test error per configuration, mean ± std (ddof=1) over seeds, beside the
@@ -9,9 +10,10 @@ writes into DIR:
 - summary.csv: one row per configuration: the swept fields, n, test_error_mean, test_error_std
   (fractions as logged, ddof=1), flagged, complete; runs.csv: one row per trial;
 - ablation_<field>.png/.svg for each swept field; curves_test_error.png/.svg (mean ± std band);
-  for memory-rate studies stability_map.png/.svg, and rate_trajectories.png/.svg when some runs
+  for memory-rate studies stability_map.png/.svg and error_heatmaps.png/.svg, and
+  rate_trajectories.png/.svg when some runs
   learned their rates;
-then logs them under "report/" as artifacts of the study's parent run.
+then logs them under "report/" as artifacts of the study's parent run (not from shipped results).
 Swept fields are the parent's swept param, else the config fields that vary across trials.
 Everything is computed before the first file is written, and each file is written whole, so a
 failed report leaves no half-written folder. Bad input (an unknown or empty study, a folder that
@@ -35,7 +37,9 @@ class BadInput(ValueError):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stawm-report", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", required=True, help="study name (the MLflow experiment)")
+    p.add_argument("--study", help="study name (the MLflow experiment); not with --from")
+    p.add_argument("--from", dest="results", type=Path, metavar="FOLDER",
+                   help="a folder of shipped results (stawm-export) to read instead of MLflow")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--out", required=True, type=Path, help="folder for the report files (created)")
@@ -87,18 +91,19 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
     from stawm import schema
     from stawm.config import field_types
 
-    from . import plots, stats, store, tables
+    from . import plots, source, stability_plots, stats, store, tables
 
-    runs, info = store.load_study(args.study, args.tracking_uri)
+    study = source.open_study(args.study, args.tracking_uri, results=args.results, cache_dir=args.cache_dir)
+    runs, info = study.runs, study.info
     metric = args.metric or schema.TEST_ERROR
     if metric not in runs:
         config = set(field_types())
         logged = sorted(c for c in runs.columns
                         if c not in config and c not in store.META + store.STABILITY and runs[c].dtype.kind == "f")
-        raise BadInput(f"--metric {metric}: no run of study {args.study!r} logged it; pass one of {logged}")
+        raise BadInput(f"--metric {metric}: no run of study {info.study!r} logged it; pass one of {logged}")
     swept = store.swept_fields(runs, info)
     seeds = args.seeds if args.seeds is not None else info.seeds
-    print(f"{args.study}: {len(runs)} trials, swept {swept or 'nothing but the seed'}, "
+    print(f"{info.study}: {len(runs)} trials, swept {swept or 'nothing but the seed'}, "
           f"{int(runs['flagged'].sum())} flagged", file=sys.stderr)
 
     table1_fields = {"preset", *tables.MATCH_FIELDS}
@@ -122,16 +127,18 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
 
     figures = plots.ablation_figures(runs, swept, metric, seeds, args.include_flagged, swept=swept)
     if not args.no_curves:
-        history = store.metric_history(runs, metric, args.tracking_uri, args.cache_dir)
+        history = study.history([metric])
         if len(history):
             figures[f"curves_{metric}"] = plots.plot_curves(history, swept, runs, args.include_flagged)
     if set(swept) & set(stats.rate_fields()):
-        figures["stability_map"] = plots.plot_stability_map(runs)
+        figures["stability_map"] = stability_plots.plot_stability_map(runs)
+        figures["error_heatmaps"] = stability_plots.plot_error_heatmaps(runs, metric)
         trained = stats.learnable(runs)
         if len(trained):
-            rates = store.metric_histories(trained, schema.RATE_METRICS, args.tracking_uri, args.cache_dir)
+            rates = study.history(schema.RATE_METRICS)
+            rates = rates[rates["run_id"].isin(trained["run_id"])]
             if len(rates):
-                figures["rate_trajectories"] = plots.plot_rate_trajectories(rates, runs)
+                figures["rate_trajectories"] = stability_plots.plot_rate_trajectories(rates, runs)
     files.update(figures)
     return files, info.parent_run_id
 
@@ -181,6 +188,8 @@ def main(argv=None) -> int:
     from .store import StudyNotFound
 
     try:
+        if (args.results is None) == (args.study is None):
+            raise BadInput("give --study (with --tracking-uri) or --from FOLDER of shipped results, one of them")
         baseline = parse_baseline(args.baseline)
         check_writable(args.out, "--out")  # before any work: a mistyped folder costs nothing
         if not args.no_curves:
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
         print(f"error: --out {args.out}: writing the report failed ({err}); free space or pass another folder",
               file=sys.stderr)
         return 2
-    if not args.no_log:
+    if not args.no_log and args.results is None:
         log_files(paths, parent_run_id, args)
     return 0
 

@@ -136,3 +136,51 @@ def flag_divergence(runs: pd.DataFrame) -> pd.DataFrame:
 def learnable(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that trained their memory rates (`learnable_rates`)."""
     return runs[runs["learnable_rates"].fillna(False).astype(bool)]
+
+
+# --- do the Appendix A conditions predict which runs fail to train? ---------------------------------
+
+
+def failed_to_train(runs: pd.DataFrame, threshold: float, metric: str | None = None) -> pd.Series:
+    """True where a run diverged, or its final `metric` is above `threshold` (a fraction) or missing."""
+    errors = runs[metric or schema.TEST_ERROR].astype(float)
+    return runs["diverged"].astype(bool) | ~(errors <= threshold)  # NaN compares False: counted as failed
+
+
+def first_failed(stability: pd.DataFrame) -> pd.DataFrame:
+    """The long stability frame (source.py) as one row per run, one column per condition: the epoch it
+    first failed (0: before training), NaN where it never did."""
+    wide = stability.pivot(index="run_id", columns="condition", values="first_failed_epoch")
+    wide.columns.name = None
+    return wide
+
+
+def contingency(flagged: pd.Series, failed: pd.Series) -> pd.DataFrame:
+    """Counts of runs, flagged or not against failed to train or not, with totals (a 3 x 3 table)."""
+    table = pd.crosstab(flagged.map({True: "flagged", False: "not flagged"}),
+                        failed.map({True: "failed to train", False: "trained"}), margins=True, margins_name="total")
+    order = [r for r in ("flagged", "not flagged", "total") if r in table.index]
+    columns = [c for c in ("failed to train", "trained", "total") if c in table.columns]
+    table = table.reindex(index=order, columns=columns, fill_value=0)
+    table.index.name, table.columns.name = None, None
+    return table
+
+
+def condition_table(first: pd.DataFrame, failed: pd.Series, kinds: dict[str, str]) -> pd.DataFrame:
+    """Per Appendix A condition: how many runs it flagged (before or during training), how many of those
+    failed to train (precision), and how many failed runs it caught (recall).
+
+    first: `first_failed` (index run_id); failed: by run_id; kinds: condition -> static/runtime/informational.
+    """
+    failed = failed.reindex(first.index).astype(bool)
+    rows = []
+    for condition in first.columns:
+        epochs = first[condition]
+        hit = epochs.notna()
+        rows.append(dict(condition=condition, kind=kinds.get(condition, ""), flagged=int(hit.sum()),
+                         before_training=int((epochs == 0).sum()), during_training=int((epochs > 0).sum()),
+                         flagged_and_failed=int((hit & failed).sum()),
+                         failed_not_flagged=int((~hit & failed).sum()),
+                         precision=float((hit & failed).sum() / hit.sum()) if hit.any() else math.nan,
+                         recall=float((hit & failed).sum() / failed.sum()) if failed.any() else math.nan))
+    return pd.DataFrame(rows)

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from stawm import schema
-from stawm.analysis import files, plots, stats, store, tables, uncertainty
+from stawm.analysis import files, plots, stability_plots, stats, store, tables, uncertainty
 from stawm.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -432,9 +432,9 @@ def test_plots_return_figures(hand_store, table_runs, tmp_path):
     figs["glimpses"] = plots.plot_ablation(table_runs, "glimpses", seeds_expected=5)
     history = store.metric_history(table_runs, schema.TEST_ERROR, hand_store["uri"], tmp_path)
     figs["curves"] = plots.plot_curves(history, "preset", table_runs)
-    figs["map"] = plots.plot_stability_map(rates)
+    figs["map"] = stability_plots.plot_stability_map(rates)
     history = store.metric_histories(stats.learnable(rates), schema.RATE_METRICS, hand_store["uri"], tmp_path)
-    figs["rates"] = plots.plot_rate_trajectories(history, rates)
+    figs["rates"] = stability_plots.plot_rate_trajectories(history, rates)
     for name, fig in figs.items():
         paths = plots.save_figure(fig, tmp_path / "figs", name, formats=("png",))  # svg: the report test
         assert all(p.stat().st_size > 1000 for p in paths), name
@@ -479,7 +479,7 @@ def test_single_epoch_curves_show_a_point(hand_store, table_runs):
 
 def test_stability_map_ticks_are_the_rates_run(hand_store):
     rates = store.load_runs("rates", hand_store["uri"])
-    fig = plots.plot_stability_map(rates)
+    fig = stability_plots.plot_stability_map(rates)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert list(ax.get_xticks()) == [0.2, 1.5] and list(ax.get_yticks()) == [rates["eta"].iloc[0]]
     assert ax.get_title() == f"θ = {rates['theta'].iloc[0]:g}" and "8 runs" in fig._suptitle.get_text()
@@ -502,7 +502,7 @@ def test_report_end_to_end(hand_store, tmp_path):
     assert done.returncode == 0, done.stderr
     expected = {"table.md", "table.tex", "summary.csv", "runs.csv"} | {
         f"{n}.{e}" for n in ("ablation_delta", "ablation_learnable_rates", "curves_test_error",
-                             "stability_map", "rate_trajectories") for e in ("png", "svg")}
+                             "stability_map", "error_heatmaps", "rate_trajectories") for e in ("png", "svg")}
     assert {p.name for p in out.iterdir()} == expected
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == ["delta", "learnable_rates", "n", "test_error_mean", "test_error_std",
