@@ -122,8 +122,10 @@ def plot_error_heatmaps(runs: pd.DataFrame, metric: str | None = None) -> Figure
 
     Every run counts here, flagged ones included (the map asks what happens at each setting); a cell
     reads "div" where every seed diverged (no error to average), and is outlined where some seed broke
-    an Appendix A condition. The colour scale is shared and logarithmic (errors span 4% to 90%).
+    an Appendix A condition. Every panel has every swept delta and eta (a blank cell: not run). The
+    colour scale is shared and logarithmic: errors run from a few percent to chance (about 90%).
     """
+    import matplotlib.ticker
     import seaborn as sns
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
@@ -131,26 +133,42 @@ def plot_error_heatmaps(runs: pd.DataFrame, metric: str | None = None) -> Figure
     metric = metric or schema.TEST_ERROR
     delta, eta, theta = schema.RATE_METRICS
     agg = aggregate(runs, [delta, eta, theta], metric, include_flagged=True)
-    agg = agg.assign(pct=100 * agg["mean"], flagged_any=agg["flagged"] > 0)
-    thetas = sorted(agg[theta].unique())
+    diverged = runs.groupby([delta, eta, theta])["diverged"].agg(["sum", "size"]).reset_index()
+    agg = agg.merge(diverged, on=[delta, eta, theta])
+    agg = agg.assign(pct=100 * agg["mean"], flagged_any=agg["flagged"] > 0,
+                     all_diverged=(agg["sum"] == agg["size"]) & (agg["size"] > 0))
+    rows, columns = sorted(agg[eta].unique(), reverse=True), sorted(agg[delta].unique())
     values = agg["pct"].dropna()
-    norm = LogNorm(vmin=max(values.min(), 0.1), vmax=max(values.max(), 1.0)) if len(values) else None
-    fig, axes = style.figure(len(thetas), width=3.9, height=3.6, sharey=True)
+    low, high = (max(values.min(), 0.1), max(values.max(), 1.0)) if len(values) else (1.0, 100.0)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 90) if low <= t <= high]
+    thetas = sorted(agg[theta].unique())
+    fig, axes = style.figure(len(thetas), width=0.75 * len(columns) + 1.2, height=0.55 * len(rows) + 1.6)
     for k, (ax, t) in enumerate(zip(axes, thetas)):
         here = agg[agg[theta] == t]
-        grid = here.pivot(index=eta, columns=delta, values="pct").sort_index(ascending=False)
-        text = grid.map(lambda v: "div" if np.isnan(v) else f"{v:.1f}")
-        sns.heatmap(grid, annot=text, fmt="", norm=norm, cmap="viridis_r", ax=ax, cbar=k == len(thetas) - 1,
-                    cbar_kws={"label": f"{style.metric_label(metric)[0]}, mean of seeds"} if k == len(thetas) - 1
-                    else None, annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white")
-        flagged = here.pivot(index=eta, columns=delta, values="flagged_any").reindex_like(grid)
-        for i, row in enumerate(flagged.index):
-            for j, col in enumerate(flagged.columns):
-                if bool(flagged.loc[row, col]):
-                    ax.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+
+        def grid(column: str, here=here) -> pd.DataFrame:
+            return here.pivot(index=eta, columns=delta, values=column).reindex(index=rows, columns=columns)
+
+        last = k == len(thetas) - 1
+        sns.heatmap(grid("pct").astype(float), annot=True, fmt=".1f", ax=ax, cmap="viridis_r",
+                    norm=LogNorm(vmin=low, vmax=high), cbar=last, linewidths=0.5, linecolor="white",
+                    cbar_kws={"label": f"{style.metric_label(metric)[0]}, mean of seeds", "ticks": ticks}
+                    if last else None, annot_kws={"fontsize": 7})
+        ax.grid(False)
+        if last:
+            bar = ax.collections[0].colorbar.ax
+            bar.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            bar.set_yticklabels([f"{t:g}" for t in ticks])
+        for i, j in zip(*np.nonzero(grid("all_diverged").fillna(False).to_numpy(dtype=bool))):
+            ax.text(j + 0.5, i + 0.5, "div", ha="center", va="center", fontsize=7, color="red")  # no mean to colour
+        flagged = grid("flagged_any")
+        for i, j in zip(*np.nonzero(flagged.fillna(False).to_numpy(dtype=bool))):
+            ax.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         ax.set_title(f"θ = {t:g}", fontsize=10)
         ax.set_xlabel("delta (δ)")
         ax.set_ylabel("eta (η)" if k == 0 else "")
+        ax.set_xticklabels([f"{c:g}" for c in columns], rotation=0)
+        ax.set_yticklabels([f"{r:g}" for r in rows], rotation=0)
     n = int(agg["n"].max()) if len(agg) else 0
     style.title(axes[0], f"{style.metric_label(metric)[0]}: mean over up to {n} seeds per cell, flagged runs "
                          f"included; red outline: a seed broke Appendix A; div: every seed diverged", 10,

@@ -119,3 +119,33 @@ def test_a_folder_without_an_export_is_one_line(tmp_path, capsys):
     assert main(["--from", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no exported study (missing runs.csv" in err and "stawm-export" in err
+
+
+# --- what the repository ships: every study under analysis/results/ rebuilds from its files alone ----------
+
+SHIPPED = sorted(p.parent for p in (REPO / "analysis" / "results").glob("*/study.json"))
+NOTEBOOK_OF = {"memory_rates": "stability", "memory_rates_learnable": "stability", "glimpse_count": "ablations",
+               "glimpse_size": "ablations"}
+
+
+def test_the_repository_ships_the_cpu_scale_studies():
+    assert {p.name for p in SHIPPED} >= {"memory_rates", "glimpse_count"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_results_rebuild_their_report_and_notebook_without_mlflow(folder, tmp_path):
+    from stawm.analysis.notebooks import run_notebook
+
+    done = subprocess.run([str(BIN / "stawm-report"), "--from", str(folder), "--out", str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in ("table.md", "summary.csv"):  # what the README quotes, rebuilt to the byte
+        assert (tmp_path / "report" / name).read_text() == (folder / "report" / name).read_text(), name
+    notebook = NOTEBOOK_OF[folder.name]
+    run_notebook(REPO / "analysis" / f"{notebook}.ipynb", {"results": str(folder), "out_dir": str(tmp_path / "nb")},
+                 tmp_path / f"{notebook}.ipynb", cwd=tmp_path)
+    if notebook == "stability":
+        table = pd.read_csv(tmp_path / "nb" / "contingency.csv", index_col=0)
+        assert table.loc["total", "total"] == len(source.open_study(results=folder).runs)
+        assert (tmp_path / "nb" / "error_heatmaps.png").stat().st_size > 10_000
