@@ -148,7 +148,9 @@ def main(argv=None) -> int:
 
     try:
         check_writable(args.out, "--out")
-        study = MlflowStudy(args.study, args.tracking_uri, args.cache_dir)
+        study = MlflowStudy(args.study, args.tracking_uri, args.cache_dir, progress=False)  # a line, not 15 bars
+        print(f"exporting {len(study.runs)} trials of {args.study}: runs, histories, stability reports",
+              file=sys.stderr)
         paths = export_study(study, args.out, command_line())
     except (store.StudyNotFound, NotWritable) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -140,9 +140,12 @@ def _label_short(ax, agg: pd.DataFrame, x: str, hue: str | None, order: list[str
 def ablation_figures(runs: pd.DataFrame, fields: Sequence[str], metric: str | None = None,
                      seeds_expected: int | None = None, include_flagged: bool = False,
                      swept: Sequence[str] = ()) -> dict[str, Figure]:
-    """`plot_ablation` for each field, named "ablation_<field>"; the first other `swept` field
-    (if any) is the hue, so that configurations differing in it are not pooled."""
+    """`plot_ablation` for each field, named "ablation_<field>"; the other `swept` field (if any) is the
+    hue, so that configurations differing in it are not pooled. A study sweeping three fields or more
+    gets none: each 1-D plot would pool configurations of the third (its grid is the heat maps' job)."""
     figures = {}
+    if len(swept) > 2:
+        return figures
     for f in fields:
         hue = next((s for s in swept if s != f), None)
         figures[f"ablation_{f}"] = plot_ablation(runs, f, metric, seeds_expected, include_flagged, hue)
@@ -163,6 +166,8 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
     import seaborn as sns
 
     by = [by] if isinstance(by, str) else list(by)
+    if runs is not None and len(by) > 2:  # too many lines for a band and a legend each
+        return _curve_per_configuration(history, by, runs, include_flagged)
     if runs is not None:
         keep = runs if include_flagged else runs[~runs["flagged"].astype(bool)]
         history = history.merge(keep[["run_id"] + [c for c in by if c not in history]], on="run_id")
@@ -199,6 +204,33 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
     style.title(ax, f"{label}: mean ± std (ddof=1) over {seeds} seeds per line{left}")
     if ax.get_legend() is not None:  # seaborn's, titled by the field(s): smaller, not rebuilt
         sns.move_legend(ax, "best", fontsize=7, title_fontsize=7)
+    return style.finish(fig)
+
+
+def _curve_per_configuration(history: pd.DataFrame, by: list[str], runs: pd.DataFrame,
+                             include_flagged: bool) -> Figure:
+    """The mean curve of every configuration of three or more swept fields as a thin line, coloured by
+    the first field: a band and a legend entry per configuration would cover the plot."""
+    import seaborn as sns
+
+    keep = runs if include_flagged else runs[~runs["flagged"].astype(bool)]
+    data = history.merge(keep[["run_id", *by]], on="run_id")
+    label, scale = style.metric_label(data["metric"].iloc[0] if len(data) else "value")
+    means = data.groupby([*by, "step"], dropna=False)["value"].mean().mul(scale).reset_index(name="y")
+    means["configuration"] = means[by].astype(str).agg(",".join, axis=1)
+    means[by[0]] = means[by[0]].map(cell_text)
+    fig, (ax,) = style.figure(width=5.6)
+    hues = style.ordered_text(means.sort_values(by[0])[by[0]])
+    sns.lineplot(data=means, x="step", y="y", hue=by[0], hue_order=hues, units="configuration", estimator=None,
+                 palette=style.palette(len(hues)), linewidth=0.8, alpha=0.7, marker="o", markersize=3, ax=ax)
+    style.epochs_axis(ax, means["step"])
+    ax.set_ylabel(label)
+    seeds = data.groupby(by, dropna=False)["run_id"].nunique()
+    n = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
+    left = "" if include_flagged else ", flagged runs left out"
+    style.title(ax, f"{label}: {means['configuration'].nunique()} configurations of {', '.join(by)}, each the "
+                    f"mean over {n} seeds{left}; colour: {by[0]}")
+    sns.move_legend(ax, "best", fontsize=7, title_fontsize=7)
     return style.finish(fig)
 
 
