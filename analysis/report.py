@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default=None, metavar="FIELD=VALUE[,FIELD=VALUE]",
                    help="configuration the table's Welch t-test p-values compare against, e.g. learnable_rates=False")
     p.add_argument("--published", choices=("auto", "on", "off"), default="auto",
-                   help="show the paper's Table 1 values; auto: when the study varies only preset, task, "
-                        "glimpse_size, glimpses, or nothing but the seed (default: auto)")
+                   help="show the paper's Table 1 values; auto: when the runs are on full MNIST and the study varies "
+                        "only preset, task, glimpse_size, glimpses, or nothing but the seed (default: auto)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/mlflow-history"),
                    help="where finished runs' metric histories are cached as parquet (default: .cache/mlflow-history)")
     p.add_argument("--no-curves", action="store_true", help="skip the training curves (no history fetch)")
@@ -107,7 +107,8 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
           f"{int(runs['flagged'].sum())} flagged", file=sys.stderr)
 
     table1_fields = {"preset", *tables.MATCH_FIELDS}
-    published = args.published == "on" or (args.published == "auto" and (
+    on_mnist = "dataset" in runs and (runs["dataset"] == "mnist").all()  # Table 1 is full MNIST, not the sample
+    published = args.published == "on" or (args.published == "auto" and on_mnist and (
         not swept or "preset" in swept or set(swept) <= table1_fields))
     by = list(swept)
     if published:  # also group by task, glimpse_size, glimpses where each configuration has one value of each
