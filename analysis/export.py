@@ -53,7 +53,7 @@ def export_study(study: MlflowStudy, out: Path, command: str) -> list[Path]:
     tags = study.parent_tags
     commits = sorted(set(runs["git_commit"].dropna()))
     meta = {
-        "study": study.info.study, "seeds": study.info.seeds, "swept": study.info.swept,
+        "study": study.info.study, "seeds": study.info.seeds, schema.SWEPT: study.info.swept,
         "params": study.info.params, "parents": study.info.parents, "trials": len(runs),
         "ran_with": tags.get(schema.NOTE, "").strip(), "ran_at_commits": commits,
         "exported_with": command, "exported_at_commit": git_commit(),
@@ -77,7 +77,7 @@ def readme(meta: dict, out: Path) -> str:
     commits = ", ".join(c[:12] for c in meta["ran_at_commits"]) or "unknown"
     return (f"# Shipped results: study `{meta['study']}`\n\n"
             f"{meta['trials']} trials; seeds per configuration: {meta['seeds']}; "
-            f"swept: {', '.join(meta['swept'] or [])}.\n\n"
+            f"swept: {', '.join(meta[schema.SWEPT] or [])}.\n\n"
             f"Ran with (commit {commits}):\n\n{ran}\n\n"
             f"Exported at {meta['exported_at']} (commit {meta['exported_at_commit'][:12]}) with:\n\n"
             f"    {meta['exported_with']}\n\n"
@@ -96,7 +96,7 @@ class ExportedStudy:
                                       f"make one with stawm-export")
         meta = json.loads((self.folder / STUDY).read_text())
         self.meta = meta
-        self.info = store.StudyInfo(meta["study"], None, None, meta["seeds"], meta["swept"], meta["params"],
+        self.info = store.StudyInfo(meta["study"], None, None, meta["seeds"], meta[schema.SWEPT], meta["params"],
                                     meta["parents"])
         self.runs = typed_runs(pd.read_csv(self.folder / RUNS, dtype=str, keep_default_na=False))
         self._history = pd.read_csv(self.folder / HISTORY, dtype={"run_id": str, "metric": str, "step": "int64",
