@@ -201,7 +201,8 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
     style.epochs_axis(ax, data["step"])
     ax.set_ylabel(label)
     left = "" if include_flagged or runs is None else "; flagged runs left out"
-    style.title(ax, f"{label}: mean ± std (ddof=1) over {seeds} seeds per line{left}")
+    style.title(ax, (f"{label}: 1 seed per line{left}" if seeds == "1"  # a line per run: no spread to show
+                     else f"{label}: mean ± std (ddof=1) over {seeds} seeds per line{left}"))
     if ax.get_legend() is not None:  # seaborn's, titled by the field(s): smaller, not rebuilt
         sns.move_legend(ax, "best", fontsize=7, title_fontsize=7)
     return style.finish(fig)

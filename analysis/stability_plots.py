@@ -170,7 +170,8 @@ def plot_error_heatmaps(runs: pd.DataFrame, metric: str | None = None) -> Figure
         ax.set_xticklabels([f"{c:g}" for c in columns], rotation=0)
         ax.set_yticklabels([f"{r:g}" for r in rows], rotation=0)
     n = int(agg["n"].max()) if len(agg) else 0
-    style.title(axes[0], f"{style.metric_label(metric)[0]}: mean over up to {n} seeds per cell, flagged runs "
+    over = "one seed per cell" if n == 1 else f"mean over up to {n} seeds per cell"
+    style.title(axes[0], f"{style.metric_label(metric)[0]}: {over}, flagged runs "
                          f"included; red outline: a seed broke Appendix A; div: every seed diverged", 10,
                 suptitle=True)
     return style.finish(fig)

@@ -86,13 +86,19 @@ def cell_text(value) -> str:
     return str(value)
 
 
+def seeds_phrase(n: int) -> str:
+    return "1 seed" if n == 1 else f"{n} seeds"
+
+
 def spread_phrase(agg: pd.DataFrame, where_fewer: str = "column n") -> str:
     """What the ± of an `aggregate` table is, e.g. "mean ± std (ddof=1) over 5 seeds"; when the
     number of seeds expected is unknown and rows differ, `where_fewer` says where n is shown."""
     expected = agg.attrs.get("seeds_expected")
     ns = sorted(set(agg["n"]))
-    over = (f"{expected} seeds" if expected is not None else
-            f"{ns[0]} seeds" if len(ns) == 1 else f"up to {ns[-1]} seeds ({where_fewer})")
+    if expected == 1 or (expected is None and ns == [1]):
+        return "1 seed, no spread"
+    over = (seeds_phrase(expected) if expected is not None else
+            seeds_phrase(ns[0]) if len(ns) == 1 else f"up to {ns[-1]} seeds ({where_fewer})")
     return f"mean ± std (ddof=1) over {over}"
 
 
@@ -218,7 +224,7 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
                else "flagged runs (Appendix A) left out")
     text = caption or (
         f"{metric}" + (" in %" if percent else "") + f": {spread_phrase(agg)}; {flagged}"
-        + (f"; rows short of {expected} seeds are marked incomplete" if expected is not None else "")
+        + (f"; rows short of {seeds_phrase(expected)} are marked incomplete" if expected is not None else "")
         + ("; unfinished runs (failed or still running) are left out"
            if "unfinished" in agg and agg["unfinished"].any() else "")
         + ("; published: the paper's Table 1, Δ = reproduced − published in percentage points"

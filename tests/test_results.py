@@ -150,3 +150,44 @@ def test_shipped_results_rebuild_their_report_and_notebook_without_mlflow(folder
         table = pd.read_csv(tmp_path / "nb" / "contingency.csv", index_col=0)
         assert table.loc["total", "total"] == len(source.open_study(results=folder).runs)
         assert (tmp_path / "nb" / "error_heatmaps.png").stat().st_size > 10_000
+
+
+# --- the harness figures BENCHMARKS.md records, on a hand-made study ---------------------------------------
+
+
+class HandStudy:
+    """Four runs of three trials: 00000 ran once; 00001 failed, then its retry finished; 00002 failed for good."""
+
+    def __init__(self):
+        start = pd.Timestamp("2026-12-02 10:00:00", tz="UTC")
+        self.runs = pd.DataFrame({
+            "run_id": ["a", "b", "c", "d"], "trial_id": ["e1_00000", "e1_00001", "e1_00001", "e1_00002"],
+            "seed": [0, 1, 1, 0],
+            "delta": [0.2, 0.2, 0.2, 0.5], "status": ["FINISHED", "FAILED", "FINISHED", "FAILED"],
+            "start_time": [start] * 4,
+            "end_time": [start + pd.Timedelta(seconds=s) for s in (40, 10, 50, 20)],
+        })
+        self.info = source.store.StudyInfo("hand", None, None, 2, ["delta"], {}, 1)
+
+    def history(self, metrics):
+        seconds = {"a": [15, 15], "b": [8], "c": [20, 25], "d": [18]}
+        return pd.DataFrame([dict(run_id=r, metric="epoch_seconds", step=i + 1, value=v)
+                             for r, vs in seconds.items() for i, v in enumerate(vs)])
+
+
+def test_harness_figures_count_runs_trials_and_time_by_hand(tmp_path):
+    sys.path.insert(0, str(REPO / "analysis" / "results"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    for name in ("trainable_e1_00000_0_delta=0.2,seed=0", "trainable_e1_00003_3_delta=0.5,seed=1"):
+        (tmp_path / "hand" / name).mkdir(parents=True)  # Tune's folders: 00000 logged its run, 00003 never did
+    f = harness.harness_figures(HandStudy(), wall=70.0, concurrency=2, storage=tmp_path)
+    # trials 0 1 2; configurations (0.2, 0), (0.2, 1), (0.5, 0); lost: 2 (no FINISHED run) and 3 (no run at all)
+    assert (f["runs"], f["trials"], f["configurations"], f["runs_per_trial"], f["lost"]) == (4, 3, 3, "1-2", 2)
+    assert f["statuses"] == "FAILED 2, FINISHED 2"
+    assert f["run_wall_s"] == pytest.approx((40 + 10 + 50 + 20) / 4)
+    assert f["outside_steps_s"] == pytest.approx(((40 - 30) + (10 - 8) + (50 - 45) + (20 - 18)) / 4)
+    assert f["ray_s_per_trial"] == pytest.approx((2 * 70 - 120) / 4)
+    assert f["runs_span_s"] == 50  # all four start together; the longest ends 50 s in

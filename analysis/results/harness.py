@@ -1,71 +1,97 @@
 """The harness under load: how many trials ran, how many MLflow runs each kept, what was lost, what it cost.
 
-    python analysis/results/harness.py --tracking-uri sqlite:///runs/cpu/mlflow.db --storage runs/cpu/ray \
-        --study memory_rates --study glimpse_count --wall memory_rates=5623 --concurrency 2
+    python analysis/results/harness.py --from analysis/results/memory_rates --from analysis/results/glimpse_count \
+        --wall memory_rates=4891 --wall glimpse_count=861 --concurrency 2
 
-Prints one Markdown table row per study (the figures BENCHMARKS.md records):
-- trials: Tune trial folders in the Ray storage; runs: MLflow trial runs; runs per trial (min-max, by
-  the trial id tag); lost: trials with no FINISHED run; the store's size;
-- per run, seconds outside the training steps: the run's wall time (MLflow start to end) minus the
-  sum of its epochs' `epoch_seconds` (evaluation, data loading, MLflow logging, checkpoints);
-- Ray's share per trial: concurrency x the study's wall time (`--wall NAME=SECONDS`, from the study's
-  log), minus the sum of the runs' wall times, over the trials: the time a trial slot was not inside a
-  run (scheduling, actor start, Tune's own bookkeeping).
+reads the shipped results (or, with `--tracking-uri URI --study NAME`, the MLflow store itself) and
+prints one Markdown table row per study, the figures BENCHMARKS.md records:
+- runs: MLflow trial runs and their statuses; trials: distinct Tune trial ids among them; configurations:
+  distinct (swept values, seed), which equals the trials when every trial ran once;
+- runs per trial (min-max, by the trial id tag); lost: trials with no FINISHED run, and with `--storage`
+  (the studies' Ray storage) also the Tune trial folders that have no MLflow run at all;
+- run wall s: a run's wall time, MLflow start to end, mean over runs; s outside the steps: that minus
+  the sum of the run's `epoch_seconds` (evaluation, data loading, MLflow logging, checkpoints);
+- Ray s per trial: concurrency x the study's wall time (`--wall NAME=SECONDS`, from the study's log),
+  minus the sum of the runs' wall times, over the runs: the time a trial slot was not inside a run
+  (scheduling, actor start, Tune's own bookkeeping);
+- runs span s: the first run's start to the last run's end, from the runs alone (the study's wall time
+  less Ray's start and the driver's wind-down, and for a killed study including the time it was down).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import statistics
 from pathlib import Path
 
-from mlflow import MlflowClient
+import pandas as pd
 
 from stawm import schema
+from stawm.analysis import source
 
 
-def study_row(client: MlflowClient, storage: Path, study: str, wall: float | None, concurrency: int) -> str:
-    experiment = client.get_experiment_by_name(study)
-    runs = client.search_runs([experiment.experiment_id], schema.tag_filter({schema.ROLE: schema.ROLE_TRIAL}),
-                              max_results=5000)
-    per_trial = collections.Counter(r.data.tags.get(schema.TRIAL_ID) for r in runs)
-    finished = {r.data.tags.get(schema.TRIAL_ID) for r in runs if r.info.status == "FINISHED"}
-    folders = {p.name.split("_")[1] + "_" + p.name.split("_")[2] for p in (storage / study).glob("trainable_*")}
-    lost = len(folders - finished)
-    run_walls, outside = [], []
-    for run in runs:
-        if run.info.end_time is None:
-            continue
-        seconds = (run.info.end_time - run.info.start_time) / 1000
-        epochs = sum(m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds"))
-        run_walls.append(seconds)
-        outside.append(seconds - epochs)
-    share = (concurrency * wall - sum(run_walls)) / len(runs) if wall else float("nan")
-    statuses = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(r.info.status for r in runs).items()))
-    return (f"| {study} | {len(folders)} | {len(runs)} ({statuses}) | {min(per_trial.values())}-"
-            f"{max(per_trial.values())} | {lost} | {statistics.mean(run_walls):.1f} | "
-            f"{statistics.mean(outside):.1f} | {share:.1f} | {wall or float('nan'):.0f} |")
+def harness_figures(study, wall: float | None, concurrency: int, storage: Path | None = None) -> dict:
+    """The figures of one study (an `open_study` result); `wall` in seconds, or None."""
+    runs = study.runs
+    finished = set(runs.loc[runs["status"] == "FINISHED", "trial_id"])
+    trials = set(runs["trial_id"])
+    lost = len(trials - finished)
+    if storage is not None:  # Tune's folders are named trainable_<experiment>_<index>_...
+        folders = {"_".join(p.name.split("_")[1:3]) for p in (storage / study.info.study).glob("trainable_*")}
+        lost += len(folders - trials)
+    per_trial = runs.groupby("trial_id").size()
+    ended = runs.dropna(subset=["end_time"])
+    run_wall = (ended["end_time"] - ended["start_time"]).dt.total_seconds()
+    steps = study.history(["epoch_seconds"]).groupby("run_id")["value"].sum()
+    outside = run_wall.to_numpy() - ended["run_id"].map(steps).fillna(0.0).to_numpy()
+    ray_share = (concurrency * wall - run_wall.sum()) / len(runs) if wall else float("nan")
+    return {
+        "study": study.info.study, "runs": len(runs),
+        "statuses": ", ".join(f"{k} {v}" for k, v in runs["status"].value_counts().sort_index().items()),
+        "trials": len(trials), "configurations": len(runs.drop_duplicates(study.info.swept + ["seed"])),
+        "runs_per_trial": f"{per_trial.min()}-{per_trial.max()}", "lost": lost,
+        "run_wall_s": run_wall.mean(), "outside_steps_s": float(pd.Series(outside).mean()),
+        "ray_s_per_trial": ray_share, "study_wall_s": wall or float("nan"),
+        "runs_span_s": (ended["end_time"].max() - runs["start_time"].min()).total_seconds(),
+    }
 
 
-def main() -> None:
+def markdown_row(f: dict) -> str:
+    return (f"| {f['study']} | {f['runs']} ({f['statuses']}) | {f['trials']} | {f['configurations']} | "
+            f"{f['runs_per_trial']} | {f['lost']} | {f['run_wall_s']:.1f} | {f['outside_steps_s']:.1f} | "
+            f"{f['ray_s_per_trial']:.1f} | {f['study_wall_s']:.0f} | {f['runs_span_s']:.0f} |")
+
+
+HEADER = ("| study | MLflow runs | trials | configurations | runs per trial | lost | run wall s | "
+          "s outside the steps | Ray s per trial | study wall s | runs span s |\n"
+          "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+
+
+def store_size(tracking_uri: str) -> str:
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    artifacts = sum(f.stat().st_size for f in (path.parent / "mlartifacts").rglob("*") if f.is_file())
+    return f"MLflow store {path}: {path.stat().st_size / 2**20:.1f} MiB (artifacts {artifacts / 2**20:.1f} MiB)"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tracking-uri", required=True)
-    p.add_argument("--storage", type=Path, required=True, help="the studies' Ray storage folder")
-    p.add_argument("--study", action="append", required=True)
+    p.add_argument("--from", dest="folders", action="append", default=[], metavar="FOLDER",
+                   help="a study's shipped results (stawm-export); repeat for several")
+    p.add_argument("--tracking-uri", help="read --study NAME from this MLflow store instead")
+    p.add_argument("--study", action="append", default=[])
+    p.add_argument("--storage", type=Path, help="the studies' Ray storage folder (counts trials with no run)")
     p.add_argument("--wall", action="append", default=[], metavar="STUDY=SECONDS")
     p.add_argument("--concurrency", type=int, default=2, help="trials that ran at once")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not args.folders and not (args.tracking_uri and args.study):
+        p.error("give --from FOLDER, or --tracking-uri URI with --study NAME")
     walls = {k: float(v) for k, v in schema.parse_pairs(args.wall, "--wall").items()}
-    client = MlflowClient(args.tracking_uri)
-    store = Path(args.tracking_uri[len("sqlite:///"):])
-    artifacts = sum(f.stat().st_size for f in (store.parent / "mlartifacts").rglob("*") if f.is_file())
-    print(f"MLflow store {store}: {store.stat().st_size / 2**20:.1f} MiB (artifacts {artifacts / 2**20:.1f} MiB)")
-    print("| study | trials | MLflow runs | runs per trial | lost | run wall s | s outside the steps | "
-          "Ray s per trial | study wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for study in args.study:
-        print(study_row(client, args.storage, study, walls.get(study), args.concurrency))
+    studies = [source.open_study(results=folder) for folder in args.folders]
+    studies += [source.open_study(name, args.tracking_uri, progress=False) for name in args.study]
+    if args.tracking_uri and args.tracking_uri.startswith("sqlite:///"):
+        print(store_size(args.tracking_uri))
+    print(HEADER)
+    for study in studies:
+        print(markdown_row(harness_figures(study, walls.get(study.info.study), args.concurrency, args.storage)))
 
 
 if __name__ == "__main__":
