@@ -157,6 +157,13 @@ def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: st
     return run_id, False
 
 
+def ensure_dataset(client: MlflowClient, run_id: str, data: DataBundle) -> None:
+    """Log the dataset as the run's input unless the run has one: a continued run keeps its first input,
+    and one whose first attempt was killed between creating the run and logging the input gets it now."""
+    if not client.get_run(run_id).inputs.dataset_inputs:
+        log_dataset(client, run_id, data)
+
+
 def log_dataset(client: MlflowClient, run_id: str, data: DataBundle) -> None:
     """The dataset as the run's input: its name, where it was read from, and the digest of what was read."""
     source = (CodeDatasetSource({schema.SOURCE_NAME: data.source}) if "/" not in data.source

@@ -85,9 +85,8 @@ def trainable(config: dict) -> None:
         epochs = []
         if open_runs:
             data = load_training_data(cfgs[0], config.get("_data_root") or None, torch.device(device))
-            for run_id, resumed in runs:
-                if not resumed:  # a continued run has its input already
-                    tracking.log_dataset(client, run_id, data)
+            for run_id, _ in runs:
+                tracking.ensure_dataset(client, run_id, data)
             epochs = _member_epochs(cfgs, fused, device, data, workdir, resume=checkpoint is not None)
         for records in epochs:
             epoch = next(record["epoch"] for record in records if record is not None)

@@ -137,6 +137,20 @@ def test_runs_read_as_mlflow_users_expect(quick_study):
     assert len({c.info.run_name for c in children}) == len(children) == 4
 
 
+def test_a_trial_run_killed_before_its_dataset_was_logged_gets_it_once_on_retry(mlflow_server):
+    from stawm import tracking
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"dataset-once-{os.getpid()}")
+    run_id = client.create_run(experiment).info.run_id  # what a first attempt killed while loading data leaves
+    assert client.get_run(run_id).inputs.dataset_inputs == []
+    data = load_data("mnist-sample")
+    for _ in range(2):  # the retry, then a later one
+        tracking.ensure_dataset(client, run_id, data)
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("mnist-sample", data.digest())]
+
+
 def test_the_dataset_digest_follows_the_content_not_the_packing(tmp_path):
     import gzip
 
