@@ -97,8 +97,8 @@ def spread_phrase(agg: pd.DataFrame, where_fewer: str = "column n") -> str:
     ns = sorted(set(agg["n"]))
     if expected == 1 or (expected is None and ns == [1]):
         return "1 seed, no spread"
-    over = (seeds_phrase(expected) if expected is not None else
-            seeds_phrase(ns[0]) if len(ns) == 1 else f"up to {ns[-1]} seeds ({where_fewer})")
+    over = (f"{expected} seeds" if expected is not None else
+            f"{ns[0]} seeds" if len(ns) == 1 else f"up to {ns[-1]} seeds ({where_fewer})")
     return f"mean ± std (ddof=1) over {over}"
 
 
