@@ -27,6 +27,7 @@ from typing import Sequence
 import pandas as pd
 
 from stawm import schema
+from stawm.provenance import command_line, git_commit
 from stawm.config import field_types
 
 from . import store
@@ -46,8 +47,6 @@ def logged_metrics(runs: pd.DataFrame) -> list[str]:
 
 def export_study(study: MlflowStudy, out: Path, command: str) -> list[Path]:
     """Write the study's files into `out` (created), each whole; returns their paths."""
-    from stawm.tracking import git_commit
-
     runs = study.runs
     history = study.history(logged_metrics(runs))
     tags = study.parent_tags
@@ -144,8 +143,6 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/mlflow-history"),
                    help="cache of finished runs' metric histories (default: .cache/mlflow-history)")
     args = p.parse_args(argv)
-    from stawm.tracking import command_line
-
     try:
         check_writable(args.out, "--out")
         study = MlflowStudy(args.study, args.tracking_uri, args.cache_dir, progress=False)  # a line, not 15 bars

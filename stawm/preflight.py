@@ -4,27 +4,33 @@ A study that fails one of these would otherwise fail minutes later, inside a tri
 node, with a stack trace. Each check raises `PreflightError` with a one-line message that names
 the path or URI, the cause, and what to do.
 
+    check_outside_job_folder({"--storage": ..., ...})         # not in `ray job submit`'s temporary copy
     storage = check_storage(args.storage)                    # for tune.RunConfig(storage_path=...)
-    check_storage_for_cluster(storage, nodes=...)            # multi-node needs shared storage
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    check_for_cluster(storage, tracking_uri, cluster="...")  # once Ray is up: several nodes need shared ones
 
 Environment:
     STAWM_SHARED_STORAGE=1  a local storage path is a mount every node shares (NFS, EFS, Lustre),
                             so `check_storage_for_cluster` accepts it on a multi-node cluster.
 
 This module imports neither torch nor mlflow (urllib is enough to ask a tracking server), and
-runs pyarrow only in a child process (see `_probe_remote_storage`).
+runs pyarrow only in a child process (see `_probe_remote_storage`). Messages never show a password
+(`provenance.redact`).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
+
+from .provenance import redact
 
 SHARED_STORAGE_ENV = "STAWM_SHARED_STORAGE"
 # Schemes pyarrow opens that are not shared between nodes: "mock" is its in-memory test filesystem.
@@ -34,7 +40,10 @@ _UNCHECKED_TRACKING_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
 
 
 class PreflightError(ValueError):
-    """A study cannot run as configured; the one-line message says what to change."""
+    """A study cannot run as configured; the one-line message says what to change (and shows no password)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 # --- storage (Ray Tune's storage_path) ------------------------------------------------------------
@@ -61,20 +70,80 @@ def check_storage(uri: str, *, timeout_s: float = 30.0) -> str:
     return uri
 
 
-def check_storage_for_cluster(uri: str, nodes: int) -> None:
-    """Reject storage on one machine when the Ray cluster has (or may grow to) several nodes.
+def check_for_cluster(storage: str, tracking_uri: str, cluster: str) -> None:
+    """Refuse storage and a tracking store that live on this machine only, for a cluster whose trials may run
+    on other machines (`cluster`: which cluster, for the message; `stawm.cluster.ClusterShape.describe`).
 
-    Ray no longer syncs results to the head: every trial writes its checkpoints to
-    `storage_path` itself, from whichever node it runs on. Count the nodes the cluster can
-    have, not only those alive now: an autoscaling cluster starts with the head alone.
+    Ray no longer syncs results to the head: every trial writes its checkpoints to `storage_path` itself,
+    from whichever node it runs on. A trial on another node cannot open the driver's SQLite file either.
+    The caller decides from what the cluster can grow to, not from the nodes alive now: an autoscaling
+    cluster starts with the head alone.
     """
-    if nodes <= 1 or storage_is_shared(uri) or _env_flag(SHARED_STORAGE_ENV):
+    if not (storage_is_shared(storage) or _env_flag(SHARED_STORAGE_ENV)):
+        raise PreflightError(
+            f"storage {redact(storage)} is on this machine only, but {cluster} runs trials on other nodes, which"
+            f" write their checkpoints there: use s3://BUCKET/PATH or gs://BUCKET/PATH, or set"
+            f" {SHARED_STORAGE_ENV}=1 if it is a mount (NFS) shared by every node"
+        )
+    if _scheme(tracking_uri) in ("sqlite", "", "file"):
+        raise PreflightError(
+            f"tracking URI {redact(tracking_uri)} is a file on this machine, but {cluster} runs trials on other"
+            f" nodes, which cannot open it: start `mlflow server` on the head (cluster.yaml does) and pass"
+            f" --tracking-uri http://HEAD_PRIVATE_IP:5000"
+        )
+
+
+# --- the temporary folder of a Ray job ------------------------------------------------------------
+
+# `ray job submit --working-dir .` runs the driver in Ray's temporary copy of the checkout
+# (.../runtime_resources/working_dir_files/_ray_pkg_...): a relative or default path lands there, is lost
+# when Ray restarts, and is found again by the next job with the same files. Ray passes the job's
+# runtime environment to its driver in this variable.
+_RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+_JOB_FOLDER_FIX = {
+    "--storage": "s3://BUCKET/PATH, or an absolute folder outside it that every node shares",
+    "--tracking-uri": "the head's tracking server, http://HEAD_PRIVATE_IP:5000",
+    "--data-root": "an absolute folder, e.g. ~/data (or leave it: $STAWM_DATA or ~/.cache/stawm)",
+    "--optuna-storage": "a database outside it, e.g. sqlite:////home/ubuntu/mlflow/optuna.db on the head",
+}
+
+
+def job_working_dir() -> Path | None:
+    """The folder a `ray job submit --working-dir` job's driver runs in (Ray's temporary copy), else None."""
+    raw = os.environ.get(_RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if runtime_env.get("working_dir") else None
+
+
+def check_outside_job_folder(paths: dict[str, str]) -> None:
+    """Refuse any of `paths` ({flag: local path, sqlite:/// URI or remote URI}) that lies in a Ray job's
+    temporary working folder, naming the flag and what to pass instead. Nothing to check outside a job."""
+    folder = job_working_dir()
+    if folder is None:
         return
-    raise PreflightError(
-        f"storage {uri} is on this machine only, but the Ray cluster has {nodes} nodes and trials on"
-        f" other nodes write their checkpoints there: use s3://BUCKET/PATH or gs://BUCKET/PATH, or"
-        f" set {SHARED_STORAGE_ENV}=1 if it is a mount (NFS) shared by every node"
-    )
+    for flag, value in paths.items():
+        local = _local_file(value)
+        if local is not None and local.is_relative_to(folder):
+            raise PreflightError(
+                f"{flag} {redact(value)} lies in this job's temporary copy of your checkout ({folder}, made by"
+                f" `ray job submit --working-dir`), which Ray deletes when it restarts and a later job finds"
+                f" again: pass {flag} {_JOB_FOLDER_FIX.get(flag, 'a path outside it')}"
+            )
+
+
+def _local_file(value: str) -> Path | None:
+    """The absolute path a flag's value names on this machine, None for a remote URI or a server."""
+    scheme = _scheme(value)
+    if scheme == "sqlite":
+        return Path(os.path.abspath(value[len("sqlite:///"):].partition("?")[0] or "."))
+    if scheme in ("", "file"):
+        return Path(_local_path(value))
+    return None
 
 
 def _check_local_storage(path: str) -> str:
@@ -108,7 +177,7 @@ except Exception as e:
 
 
 def _probe_remote_storage(uri: str, timeout_s: float) -> None:
-    shown = _redact(uri)
+    shown = redact(uri)
     try:
         done = subprocess.run(
             [sys.executable, "-c", _PROBE_SCRIPT, uri],
@@ -268,15 +337,6 @@ def _local_path(uri: str) -> str:
             raise PreflightError(f"storage {uri} names another host: file:// URIs must be file:///PATH")
         return os.path.abspath(urllib.request.url2pathname(parts.path))
     return os.path.abspath(os.path.expanduser(uri))
-
-
-def _redact(uri: str) -> str:
-    """The URI with the secret of s3://KEY:SECRET@bucket/... replaced, fit for a message."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@" + parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _env_flag(name: str) -> bool:

@@ -32,7 +32,7 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from . import gpu_share, preflight, schema, tracking
+from . import cluster, gpu_share, preflight, provenance, schema, tracking
 from .engine import CHECKPOINT
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, positive_int, seed_space, seeds, variant
 from .trial import RUNNER_KEYS, trainable, trial_config
@@ -54,35 +54,42 @@ class Study:
 
 
 def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -> Study:
-    """Connect Ray (RAY_ADDRESS: join that cluster; else start one on this machine), check the storage
-    for the cluster's size, and create (or, with --resume, reopen) the study's MLflow parent run."""
+    """Connect Ray (RAY_ADDRESS: join that cluster; else start one on this machine), check the storage and the
+    tracking store for the cluster's shape (what it can grow to), write a probe artifact, and create (or, with
+    --resume, reopen) the study's MLflow parent run."""
     name = name or args.name
     if not ray.is_initialized():
         env = {"MLFLOW_TRACKING_URI": args.tracking_uri,
                # trials import stawm: from this checkout when it is not installed on the nodes
-               "PYTHONPATH": os.pathsep.join(p for p in (str(tracking.PROJECT_ROOT), os.environ.get("PYTHONPATH"))
+               "PYTHONPATH": os.pathsep.join(p for p in (str(provenance.PROJECT_ROOT), os.environ.get("PYTHONPATH"))
                                              if p)}
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     client = MlflowClient(args.tracking_uri)
-    try:  # the checks that need Ray up: the cluster's size, its GPUs
-        preflight.check_storage_for_cluster(args.storage, sum(1 for node in ray.nodes() if node["Alive"]))
+    try:  # the checks that need Ray up: the cluster's shape, its GPUs; and the store's artifacts
+        shape = cluster.shape()
+        if shape.multi_node:
+            preflight.check_for_cluster(args.storage, args.tracking_uri, shape.describe())
         experiment_id = tracking.experiment(client, name, args.tracking_uri)
+        tracking.check_artifacts(client, experiment_id)
         found = tracking.find_study_run(client, experiment_id, name) if args.resume else None
         if args.gpus_per_trial == "auto" or args.gpu_choice:
-            gpu_share.choose(args, found.data.params if found is not None else {}, seeds(args))
+            gpu_share.choose(args, found.data.params if found is not None else {}, seeds(args), shape)
     except preflight.PreflightError as err:
         ray.shutdown()
         fail(str(err))
-    source, commit = tracking.source_name(), tracking.git_commit()
+    source, (commit, dirty) = tracking.source_name(), provenance.git_state()
+    if commit == provenance.UNKNOWN:
+        print(f"warning: the commit of this code is unknown (no git here: `ray job submit --working-dir` leaves"
+              f" .git out); set {provenance.COMMIT_ENV} as the README's submit command does", flush=True)
     if found is None:
         parent = tracking.create_study_run(client, experiment_id, name, tracking.study_params(args, swept), source,
-                                           commit)
+                                           commit, dirty)
     else:
         parent = tracking.reopen_study_run(client, found)
     base = {**args.config, "_study": name, "_experiment_id": experiment_id, "_parent_run_id": parent,
             "_swept": [s for s in swept if s != "seed"], "_source": source,
-            "_tracking_uri": args.tracking_uri, "_git_commit": commit, "_data_root": args.data_root,
-            "_device": args.device, "_gpu_fraction": args.gpus_per_trial,
+            "_tracking_uri": args.tracking_uri, "_git_commit": commit, "_git_dirty": dirty,
+            "_data_root": args.data_root, "_device": args.device, "_gpu_fraction": args.gpus_per_trial,
             "_gpu_overhead_mb": args.gpu_choice.get("probe_overhead_mb", 0.0), "_fuse_seeds": args.fuse_seeds}
     return Study(name, parent, experiment_id, args.tracking_uri, list(swept), base)
 
@@ -149,6 +156,10 @@ def optuna_storage(args: StudyArgs, study_name: str, url: str = ""):
                   if args.tracking_uri.startswith("sqlite:///") else Path.cwd())
         url = f"sqlite:///{folder / 'optuna.db'}"
     try:
+        preflight.check_outside_job_folder({"--optuna-storage": url})
+    except preflight.PreflightError as err:
+        fail(str(err))
+    try:
         storage = optuna.storages.RDBStorage(url)
     except Exception as err:  # a bad URL, a driver missing, a database it cannot open
         fail(f"--optuna-storage {url}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -179,8 +190,9 @@ def finish_study(study: Study, results) -> int:
     client.set_terminated(study.parent_run_id, "FAILED" if errors else "FINISHED")
     # MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag says; the URL chooses training
     page = f"#/experiments/{study.experiment_id}?workflowType=machine_learning"
-    where = (f"`mlflow ui --backend-store-uri {study.tracking_uri}`, then http://127.0.0.1:5000/{page}"
-             if not study.tracking_uri.startswith("http") else f"{study.tracking_uri.rstrip('/')}/{page}")
+    uri = provenance.redact(study.tracking_uri)
+    where = (f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+             if not uri.startswith("http") else f"{uri.rstrip('/')}/{page}")
     print(f"MLflow experiment {study.name!r}, parent run {study.parent_run_id}: {where}", flush=True)
     return 1 if errors else 0
 

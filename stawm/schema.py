@@ -8,12 +8,12 @@ from the project, nor torch, Ray or MLflow: the analysis side reads it on a mach
 The layout of a study in MLflow:
 - experiment = the study's name;
 - the experiment tagged EXPERIMENT_KIND = EXPERIMENT_KIND_TRAINING;
-- one parent run per study, named after it: ROLE = ROLE_STUDY, STUDY, GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE,
-  NOTE (the command line); params SEEDS, SWEPT and the study's flags;
+- one parent run per study, named after it: ROLE = ROLE_STUDY, STUDY, GIT_COMMIT, GIT_DIRTY, SOURCE_NAME,
+  SOURCE_TYPE, NOTE (the command line, credentials redacted); params SEEDS, SWEPT and the study's flags;
 - one child run per Tune trial (and per member of a trial of fused seeds): PARENT_RUN_ID, ROLE =
-  ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, SOURCE_NAME, SOURCE_TYPE, HOST, GPU,
-  CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped it; a run
-  name made of its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
+  ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, GIT_DIRTY, SOURCE_NAME, SOURCE_TYPE, HOST,
+  NODE, DEVICE, GPU, CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped
+  it; a run name made of its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
   digest; DATASET_CONTEXT); params = the flat Config; metrics per epoch (step = epoch) under the
   engine's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT.
 """
@@ -34,12 +34,15 @@ SEED = "stawm.seed"
 TRIAL_ID = "stawm.trial_id"  # the Ray Tune trial id: a retried or restored trial continues its run
 MEMBER = "stawm.member"  # index of a fused seed inside its trial
 GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own: the UI shows it as the run's source version
+GIT_DIRTY = "stawm.git_dirty"  # "true" when the tree had uncommitted changes; absent when nothing could tell
 SOURCE_NAME = "mlflow.source.name"  # MLflow's own: the study script that made the run
 SOURCE_TYPE = "mlflow.source.type"
 SOURCE_TYPE_LOCAL = "LOCAL"  # a script run on this machine or a Ray cluster (MLflow's SourceType.LOCAL)
 NOTE = "mlflow.note.content"  # MLflow's own: the parent run's description, the exact command line
 CHECKPOINT = "stawm.checkpoint"  # URI of the trial's newest checkpoint (fused seeds: the stack's; MEMBER says which)
 HOST = "stawm.host"
+NODE = "stawm.node"  # the Ray node id the trial ran on (one machine can hold several: a fake cluster, containers)
+DEVICE = "stawm.device"  # what the trial trained on: cpu or cuda (--device auto decides inside the trial)
 GPU = "stawm.gpu"
 STOPPED_EARLY = "stawm.stopped_early"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag MLflow 3's UI reads to choose the experiment's first view

@@ -13,11 +13,11 @@ run whose process dies mid-study still says how far it got.
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import socket
-import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -28,9 +28,10 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from . import schema
 from .config import Config
 from .data import DataBundle
+from .preflight import PreflightError
+from .provenance import PROJECT_ROOT, command_line, redact
 from .stability import StabilityMonitor
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOT_PARAMS = ("changes", "config", "extra", "set", "resume", "gpu_choice")  # StudyArgs fields the parent omits
 
 
@@ -49,29 +50,40 @@ def experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location, tags=kind)
 
 
-def git_commit() -> str:
-    """The commit of this checkout, "unknown" outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def source_name() -> str:
     """The study script, relative to the checkout when it lies inside it (what MLflow shows as the source)."""
     script = Path(sys.argv[0]).resolve()
     return str(script.relative_to(PROJECT_ROOT)) if script.is_relative_to(PROJECT_ROOT) else sys.argv[0]
 
 
-def command_line() -> str:
-    """The exact command that started this process (the interpreter and its own flags included)."""
-    return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+def source_tags(source: str, commit: str, dirty: bool | None) -> dict[str, str]:
+    """MLflow's own source tags, which its UI shows in the runs table and on each run, and whether the tree
+    had uncommitted changes (`provenance.git_state`)."""
+    return {schema.SOURCE_NAME: source, schema.SOURCE_TYPE: schema.SOURCE_TYPE_LOCAL, schema.GIT_COMMIT: commit,
+            **({} if dirty is None else {schema.GIT_DIRTY: schema.tag_bool(dirty)})}
 
 
-def source_tags(source: str, commit: str) -> dict[str, str]:
-    """MLflow's own source tags, which its UI shows in the runs table and on each run."""
-    return {schema.SOURCE_NAME: source, schema.SOURCE_TYPE: schema.SOURCE_TYPE_LOCAL, schema.GIT_COMMIT: commit}
+def check_artifacts(client: MlflowClient, experiment_id: str) -> None:
+    """Write a small artifact where the study's runs will write theirs, and delete it; PreflightError if either fails.
+
+    Trials log their config and stability report as artifacts, through the tracking server (proxied) or
+    straight to the experiment's artifact location (s3://...): a wrong bucket or missing rights would
+    otherwise fail every trial at its first artifact, after its training."""
+    from mlflow.artifacts import get_artifact_repository  # a registry of stores (local, s3, mlflow-artifacts, ...)
+
+    location = client.get_experiment(experiment_id).artifact_location.rstrip("/")
+    probe = f"{location}/.stawm-preflight-{uuid.uuid4().hex}"
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "probe.txt"
+            path.write_text("ok")
+            repository = get_artifact_repository(probe, tracking_uri=client.tracking_uri)  # not the global one
+            repository.log_artifact(str(path))
+            repository.delete_artifacts()
+    except Exception as err:  # any store, any failure: a permission, a bucket, a server refusing
+        cause = " ".join(str(err).split())[:300]
+        raise PreflightError(f"cannot write MLflow artifacts to {redact(location)}: {type(err).__name__}: {cause}"
+                             f" (check the tracking server's --artifacts-destination and its rights)") from None
 
 
 def value_text(value) -> str:
@@ -101,15 +113,16 @@ def study_params(args, swept: list[str]) -> dict:
     """The parent run's params: the study's flags (its own too), the seeds, the swept fields, the epochs
     each trial trains and, with --gpus-per-trial auto, the share chosen (`gpu_share.choose`)."""
     flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_PARAMS}
-    return {**flags, **args.extra, "set": ",".join(args.set), schema.SEEDS: args.seeds,
-            schema.SWEPT: ",".join(s for s in swept if s != "seed"), "epochs": args.config["epochs"],
-            **({"gpus_per_trial": "auto", **args.gpu_choice} if args.gpu_choice else {})}
+    params = {**flags, **args.extra, "set": ",".join(args.set), schema.SEEDS: args.seeds,
+              schema.SWEPT: ",".join(s for s in swept if s != "seed"), "epochs": args.config["epochs"],
+              **({"gpus_per_trial": "auto", **args.gpu_choice} if args.gpu_choice else {})}
+    return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}  # URIs may carry passwords
 
 
 def create_study_run(client: MlflowClient, experiment_id: str, name: str, params: dict, source: str,
-                     commit: str) -> str:
+                     commit: str, dirty: bool | None) -> str:
     """The parent run, named after the study; its description is the command that started it."""
-    tags = {schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name, **source_tags(source, commit),
+    tags = {schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name, **source_tags(source, commit, dirty),
             schema.NOTE: f"Started with\n\n    {command_line()}\n"}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -128,19 +141,20 @@ def reopen_study_run(client: MlflowClient, run) -> str:
 
 
 def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: str, trial_name: str,
-                   gpu: str, member: int | None = None) -> tuple[str, bool]:
+                   placement: dict[str, str], member: int | None = None) -> tuple[str, bool]:
     """The child run of the trial (or of its member, when fused): continued if one is tagged with this
     trial id (and member index), else created. Returns the run id and whether it was continued.
 
     config: the trial's, for its runner keys (`_experiment_id`, `_parent_run_id`, `_study`, `_git_commit`,
-    `_source`, `_swept`); cfg: the member's Config, whose flat fields become the params and, for the values
-    the study sweeps, the run's name (Tune's trial name when it sweeps nothing)."""
+    `_git_dirty`, `_source`, `_swept`); cfg: the member's Config, whose flat fields become the params and, for
+    the values the study sweeps, the run's name (Tune's trial name when it sweeps nothing); placement: the tags
+    that say where this attempt runs (host, Ray node, device, GPU), rewritten on every attempt."""
     keys = {schema.PARENT_RUN_ID: config["_parent_run_id"], schema.TRIAL_ID: trial_id}
     if member is not None:
         keys[schema.MEMBER] = str(member)
     name = run_name(dataclasses.asdict(cfg), config.get("_swept", [])) or trial_name
     found = client.search_runs([config["_experiment_id"]], schema.tag_filter(keys), max_results=1)
-    where = [RunTag(schema.HOST, socket.gethostname()), RunTag(schema.GPU, gpu)]  # a retry may move
+    where = [RunTag(schema.HOST, socket.gethostname()), *(RunTag(k, v) for k, v in placement.items())]  # may move
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -148,7 +162,8 @@ def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: st
         return run_id, True
     tags = {**keys, schema.ROLE: schema.ROLE_TRIAL, schema.STUDY: config["_study"], schema.PRESET: cfg.preset,
             schema.SEED: str(cfg.seed),
-            **source_tags(config.get("_source", "unknown"), config.get("_git_commit", "unknown"))}
+            **source_tags(config.get("_source", "unknown"), config.get("_git_commit", "unknown"),
+                          config.get("_git_dirty"))}
     run_id = client.create_run(config["_experiment_id"], run_name=name, tags=tags).info.run_id
     flat = cfg.to_flat()
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()],

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 from mlflow import MlflowClient
+import ray
 from ray import tune
 
 from . import schema, tracking
@@ -37,11 +38,12 @@ RUNNER_KEYS = {
     "_experiment_id": "MLflow experiment id of the study",
     "_parent_run_id": "MLflow parent run of the study",
     "_tracking_uri": "MLflow tracking URI; trials on other nodes do not see the driver's environment",
-    "_git_commit": "commit of the driver's checkout",
+    "_git_commit": "commit of the driver's checkout ($STAWM_GIT_COMMIT in a Ray job, which has no .git)",
+    "_git_dirty": "whether that checkout had uncommitted changes (None: unknown)",
     "_source": "the study script (MLflow's source name)",
     "_swept": "the config fields the study varies: a run is named after their values",
     "_data_root": "dataset folder (absolute: Tune moves each trial into its own directory)",
-    "_device": "cpu or cuda",
+    "_device": "auto, cpu or cuda (auto: CUDA when the trial has a GPU share and sees a GPU; gpu_share.trial_device)",
     "_gpu_fraction": "share of a GPU per trial; below 1 the trial caps its CUDA memory to it",
     "_gpu_overhead_mb": "CUDA memory a trial's process holds outside torch's allocator (probed); off its cap",
     "_fuse_seeds": "--fuse-seeds was given: a trial without `_seeds` is an error (the study cannot fuse)",
@@ -66,7 +68,8 @@ def trainable(config: dict) -> None:
     context = tune.get_context()
     client = MlflowClient(config["_tracking_uri"])
     device, gpu = trial_device(config)
-    runs = [tracking.open_trial_run(client, config, cfg, context.get_trial_id(), context.get_trial_name(), gpu,
+    placement = {schema.NODE: _ray_node(), schema.DEVICE: device, schema.GPU: gpu}
+    runs = [tracking.open_trial_run(client, config, cfg, context.get_trial_id(), context.get_trial_name(), placement,
                                     member=k if fused else None) for k, cfg in enumerate(cfgs)]  # (id, resumed)
     checkpoint = tune.get_checkpoint()  # None on a trial's first attempt
     fail_at = config.get("_fail_once_at_epoch", 0) if checkpoint is None else 0
@@ -123,6 +126,12 @@ def trainable(config: dict) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     for k, run_id in open_runs.items():
         tracking.close_run(client, run_id, members[k]["stability"], "FINISHED")
+
+
+def _ray_node() -> str:
+    """The Ray node this trial runs on; "" when called outside Ray (a test, a debugger), where asking Ray's
+    runtime context would start a local Ray instance in this process."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def trial_config(config: dict) -> Config:

@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,52 +39,116 @@ def free_port() -> int:
 MLFLOW_SERVER_START_S = 90  # it took 9-12 s here on 2 busy cores; CI machines can be slower
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """URI of an `mlflow server` on 127.0.0.1 with an SQLite database; stopped after the session.
+class _SessionServer:
+    """One `mlflow server` for the whole session, started by whoever needs it first: a test (the `mlflow_server`
+    fixture) or work started early in the background (`start_early`). Stopped when the session ends."""
 
-    MLflow 3 needs no extra flags for this: artifacts are served (proxied) by default, and its
-    Host-header check accepts localhost and 127.0.0.1. Job execution (huey consumers: seven more
-    processes) is switched off, which only the server's own jobs use.
-    """
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        # A session of its own, so the uvicorn workers it forks can be stopped with it as one group.
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
-                                  start_new_session=True)
-    try:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._server: subprocess.Popen | None = None
+        self._uri = ""
+        self._root: Path | None = None
+
+    def uri(self) -> str:
+        with self._lock:
+            if self._server is None:
+                self._start()
+            return self._uri
+
+    def _start(self) -> None:
+        """An `mlflow server` on 127.0.0.1 with an SQLite database. MLflow 3 needs no extra flags for this:
+        artifacts are served (proxied) by default, and its Host-header check accepts localhost and 127.0.0.1.
+        Job execution (huey consumers: seven more processes) is switched off, which only the server's own jobs use."""
+        self._root = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
+        port = _free_port()
+        uri = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "mlflow", "server",
+                   "--backend-store-uri", f"sqlite:///{self._root / 'server.db'}",
+                   "--artifacts-destination", str(self._root / "artifacts"),
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        log_path = self._root / "server.log"
+        with open(log_path, "wb") as log:
+            # A session of its own, so the uvicorn workers it forks can be stopped with it as one group.
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self._root, env=env,
+                                      start_new_session=True)
         _wait_for_health(uri, server, log_path)
-        yield uri
-    finally:
-        _stop_group(server)
+        self._server, self._uri = server, uri
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                _stop_group(self._server)
+                shutil.rmtree(self._root, ignore_errors=True)
+                self._server = None
+
+
+SESSION_SERVER = _SessionServer()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> str:
+    """URI of the session's `mlflow server` on 127.0.0.1 with an SQLite database; stopped after the session."""
+    return SESSION_SERVER.uri()
+
+
+# --- slow set-ups started in the background as soon as the tests are collected ----------------------------
+# The end-to-end checks of the cluster path spend most of their time waiting: pip downloading the study stack,
+# a fake cluster's head and workers starting, a job's driver importing. A test module that defines
+# `start_early() -> object` has it run in a background thread when collection ends, if any of its slow tests
+# was selected; its fixture takes the result with `early_result(__name__)` (which re-raises what it raised).
+# The work starts subprocesses only (no Ray or MLflow client in this process), so the tests running meanwhile
+# are not touched, only slowed where both want the CPU. The session's MLflow server starts early too.
+
+_EARLY_POOL = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early")
+_EARLY: dict[str, Future] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if any("mlflow_server" in item.fixturenames for item in items):
+        _EARLY["mlflow_server"] = _EARLY_POOL.submit(SESSION_SERVER.uri)
+    for module in {item.module for item in slow if hasattr(item.module, "start_early")}:
+        _EARLY[module.__name__] = _EARLY_POOL.submit(module.start_early)
+
+
+def early_result(name: str, start):
+    """What `start()` returned, run early in the background or now (a run that did not select it early)."""
+    future = _EARLY.pop(name, None)
+    return future.result() if future is not None else start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for future in _EARLY.values():  # started but never taken (its tests were skipped): stop what it left running
+        if future.exception() is None:
+            result = future.result()
+            stop = result.get("stop") if isinstance(result, dict) else getattr(result, "stop", None)
+            if callable(stop):
+                stop()
+    SESSION_SERVER.stop()
 
 
 def _wait_for_health(uri: str, server: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + MLFLOW_SERVER_START_S
+    _wait_until_answers(f"{uri}/health", server, log_path, MLFLOW_SERVER_START_S, "mlflow server")
+
+
+def _wait_until_answers(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str) -> None:
+    """Return once GET `url` answers 200; fail the test (with the end of the log) if `process` exits first or
+    `timeout_s` passes, then stopping its process group."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with status {server.returncode}; its log:\n"
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with status {process.returncode}; its log:\n"
                         f"{log_path.read_text(errors='replace')[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.25)
-    _stop_group(server)
-    pytest.fail(f"mlflow server did not answer {uri}/health within {MLFLOW_SERVER_START_S} s; its log:\n"
+    _stop_group(process)
+    pytest.fail(f"{what} did not answer {url} within {timeout_s} s; its log:\n"
                 f"{log_path.read_text(errors='replace')[-4000:]}")
 
 
@@ -166,7 +232,10 @@ STUDIES = {  # label -> the script, its --name (MLflow experiment) and its flags
 }
 
 
-STUDY_LANES = (["table1", "glimpse_count", "memory_rates"], ["search", "search --resume", "learnable_rates", "fused"])
+# Three lanes, balanced on their measured wall times (seconds.json, 2026-12-03: table1 99 s, search 41 + 14,
+# fused 39, glimpse_count 35, memory_rates 28, learnable_rates 26): most of a study's time is its driver
+# importing and waiting on Ray, which another lane's trials fill.
+STUDY_LANES = (["table1"], ["search", "search --resume", "learnable_rates"], ["fused", "glimpse_count", "memory_rates"])
 assert sorted(sum(STUDY_LANES, [])) == sorted(STUDIES)
 
 
@@ -215,7 +284,7 @@ def studies(tmp_path_factory) -> StudyRuns:
     from mlflow import MlflowClient
 
     MlflowClient(uri).search_experiments()  # the store's tables first: two drivers creating them at once collide
-    try:  # two lanes of studies at once: one study's driver imports (~9 s) while the other's trials run
+    try:  # lanes of studies at once: one study's driver imports (~9 s) while the others' trials run
         with ThreadPoolExecutor(len(STUDY_LANES)) as pool:
             list(pool.map(run_lane, STUDY_LANES))
     finally:

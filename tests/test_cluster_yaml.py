@@ -16,7 +16,11 @@ import yaml
 # .create_or_update_cluster -> prepare_config, validate_config). It may move between Ray versions.
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+# The study stack at the lock's versions (`[cluster]`: studies, boto3, optuna-dashboard); tests/test_cluster_setup.py
+# runs it for real. "$HOME": bash expands no ~ inside quotes, and the brackets need them.
+LOCKED_INSTALL = 'pip install -c ~/stawm/requirements/lock.txt -e "$HOME/stawm[cluster]"'
 
 
 @pytest.fixture
@@ -46,8 +50,14 @@ def no_network(monkeypatch):
 
 def test_passes_rays_schema_validation_offline(cluster, no_network):
     prepared = validate(cluster)
-    # The merge keeps our commands rather than defaults.yaml's (which install a nightly Ray wheel).
-    assert prepared["worker_setup_commands"] == ["pip install -e ~/stawm"]
+    # The merge keeps our commands rather than defaults.yaml's (which install a nightly Ray wheel) and puts
+    # setup_commands first in each node type's list, which is what the nodes run: the same locked set everywhere,
+    # once, and on the head before its MLflow server.
+    assert prepared["setup_commands"] == [LOCKED_INSTALL]
+    assert prepared["worker_setup_commands"] == [LOCKED_INSTALL]
+    head = prepared["head_setup_commands"]
+    assert head[0] == LOCKED_INSTALL and head.count(LOCKED_INSTALL) == 1
+    assert [c for c in head if "mlflow server" in c] == head[1:]
 
 
 @pytest.mark.parametrize("where, key", [("top level", "max_wrokers"), ("node type", "min_worker")])
@@ -93,7 +103,8 @@ def test_docker_image_is_pinned_to_the_installed_ray(cluster):
 
 def test_nodes_install_this_project_and_the_head_runs_mlflow_on_a_database(cluster):
     assert cluster["file_mounts"] == {"~/stawm": "."}  # relative to the repository root
-    assert "pip install -e ~/stawm" in cluster["setup_commands"]
+    assert cluster["setup_commands"] == [LOCKED_INSTALL]
+    assert not [c for c in cluster["head_setup_commands"] if "pip install" in c]  # nothing unpinned on top
     server = [c for c in cluster["head_setup_commands"] if "mlflow server" in c]
     assert len(server) == 1
     assert "--backend-store-uri sqlite:////" in server[0] or "--backend-store-uri postgresql" in server[0]
@@ -106,3 +117,12 @@ def test_commands_are_valid_shell(cluster):
     for command in (c for key in keys for c in cluster.get(key, [])):
         checked = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
         assert checked.returncode == 0, f"{command}: {checked.stderr}"
+
+
+def test_the_locked_install_names_the_repository_copy_and_its_lock(tmp_path):
+    # What bash makes of the command's words on a node whose home holds the copy (file_mounts: ~/stawm).
+    words = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + LOCKED_INSTALL.removeprefix("pip install ")],
+                           env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert words.stdout.splitlines() == ["-c", f"{tmp_path}/stawm/requirements/lock.txt", "-e",
+                                         f"{tmp_path}/stawm[cluster]"]
+    assert (REPO / "requirements" / "lock.txt").is_file()  # tracked by git, so file_mounts copies it

@@ -13,10 +13,12 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
 
+import filelock
 import numpy as np
 import pytest
 import torch
@@ -543,3 +545,210 @@ def test_prepare_batch_rejects_unknown_augment_and_float_input():
         prepare_batch(images, augment="mixup", generator=None)
     with pytest.raises(TypeError):
         prepare_batch(images.float(), augment="none", generator=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes at once (a node's trials): one unpacking and one download, under the dataset's lock
+# --------------------------------------------------------------------------------------------------
+
+def dataset_lock(dataset: str, root: Path) -> filelock.FileLock:
+    """The lock stawm.data takes before writing a dataset's files: ROOT/.stawm-<dataset>.lock (its contract)."""
+    return filelock.FileLock(str(root / f".stawm-{dataset}.lock"))
+
+
+def gzip_only_mnist_root(mnist_root: Path, root: Path, names=MNIST_NAMES) -> Path:
+    """A data root holding only the .gz files of `names` (mnist_root may have been unpacked by other tests)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(mnist_root / "MNIST" / "raw" / f"{name}.gz", raw / f"{name}.gz")
+    return root
+
+
+LOAD_MNIST_SCRIPT = textwrap.dedent("""
+    import os, sys, traceback
+    from pathlib import Path
+
+    root, notice_s, mirror, fetches, workers = sys.argv[1:]
+    notice_s, workers = float(notice_s), int(workers)
+    if mirror:  # torchvision "downloads" MNIST from this local folder; every fetch is noted in `fetches`
+        import shutil
+        from torchvision.datasets import mnist, utils
+        mnist.MNIST.mirrors = [Path(mirror).as_uri() + "/"]
+        mnist.MNIST.resources = [(name, None) for name, _ in mnist.MNIST.resources]  # local copies, other MD5s
+        def fetch(url, filename, *args, **kwargs):  # torchvision's own fetch reads HTTP responses only
+            with open(fetches, "a") as f:
+                f.write(url + "\\n")
+            shutil.copyfile(Path(mirror) / Path(url).name, filename)
+        utils._urlretrieve = fetch
+    import stawm.data
+    stawm.data.DATA_LOCK_NOTICE_S = notice_s
+    print("STARTED", flush=True)
+
+    def load():
+        bundle = stawm.data.load_data("mnist", root)
+        print("LOADED", len(bundle.train), bundle.digest(), flush=True)
+
+    if workers == 1:
+        load()
+    else:  # processes of their own, as a node's trials; forked after the imports (seconds) to pay for them once
+        children = []
+        for _ in range(workers):
+            children.append(os.fork())
+            if children[-1] == 0:
+                try:
+                    load()
+                    os._exit(0)
+                except BaseException:
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                    os._exit(1)
+        sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children))
+""")
+
+
+def start_mnist_load(root: Path, notice_s: float = 5.0, mirror: Path | None = None, fetches: Path | None = None,
+                     workers: int = 1) -> subprocess.Popen:
+    """`load_data("mnist", root)` (download=True) in `workers` fresh processes started at once; it prints
+    STARTED once imported, then LOADED <N> <digest> per process."""
+    command = [sys.executable, "-c", LOAD_MNIST_SCRIPT, str(root), str(notice_s), str(mirror or ""),
+               str(fetches or ""), str(workers)]
+    return subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 120) -> tuple[str, str]:
+    """Its stdout and stderr, once it has exited 0."""
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, f"exit {process.returncode}:\n{out[-2000:]}\n{err[-4000:]}"
+    return out, err
+
+
+def test_load_waits_for_the_dataset_lock_before_unpacking(mnist_root, tmp_path):
+    """Another process holds the lock (as while it downloads): a load waits, says so once, writes nothing, then
+    finds the files and loads once the lock is released."""
+    root = gzip_only_mnist_root(mnist_root, tmp_path)
+    raw = root / "MNIST" / "raw"
+    with dataset_lock("mnist", root):
+        process = start_mnist_load(root, notice_s=1.0)
+        try:
+            started = process.stdout.readline()  # once imported (seconds)
+            assert started == "STARTED\n", started + process.communicate()[1][-4000:]
+            time.sleep(3)
+            assert process.poll() is None, "the load did not wait for the lock: " + process.communicate()[0]
+            assert sorted(path.name for path in raw.iterdir()) == sorted(f"{name}.gz" for name in MNIST_NAMES)
+        except BaseException:
+            process.kill()
+            process.communicate()
+            raise
+    out, err = finish(process)
+    assert "LOADED 60000 " in out
+    waiting = f"waiting for another process to finish preparing mnist in {raw} (lock {root / '.stawm-mnist.lock'})"
+    assert err.count(waiting) == 1, err[-4000:]
+    assert all((raw / name).is_file() for name in MNIST_NAMES)
+
+
+def test_concurrent_loads_unpack_and_download_once(mnist_root, tmp_path):
+    """Three processes start at once on a root holding three of the four .gz files; the fourth comes from a
+    local mirror. Each loads the same data; the missing archive is fetched once; every unpacked file is whole;
+    nothing is left but the data and the lock file."""
+    fetched_name = MNIST_NAMES[3]  # t10k-labels-idx1-ubyte
+    root = gzip_only_mnist_root(mnist_root, tmp_path / "data", names=MNIST_NAMES[:3])
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copyfile(mnist_root / "MNIST" / "raw" / f"{fetched_name}.gz", mirror / f"{fetched_name}.gz")
+    fetches = tmp_path / "fetches.txt"
+    out, err = finish(start_mnist_load(root, mirror=mirror, fetches=fetches, workers=3))
+
+    loaded = [line.split() for line in out.splitlines() if line.startswith("LOADED")]
+    assert len(loaded) == 3 and {tuple(words) for words in loaded} == {tuple(loaded[0])}, out + err[-4000:]
+    assert loaded[0][1] == "60000"  # and torchvision read every file the same way in each process
+    assert fetches.read_text().splitlines() == [(mirror / f"{fetched_name}.gz").as_uri()]  # one download in all
+    raw = root / "MNIST" / "raw"
+    expected = {".stawm-mnist.lock", "MNIST", "MNIST/raw"} | {f"MNIST/raw/{name}{suffix}" for name in MNIST_NAMES
+                                                              for suffix in ("", ".gz")}
+    assert {path.relative_to(root).as_posix() for path in root.rglob("*")} | {".stawm-mnist.lock"} == expected
+    for name in MNIST_NAMES:  # whole: each is its archive unpacked
+        assert (raw / name).read_bytes() == gzip.decompress((mnist_root / "MNIST" / "raw" / f"{name}.gz").read_bytes())
+
+
+def test_complete_root_is_read_without_the_lock(mnist_root, tmp_path, monkeypatch, capsys):
+    """A root holding every unpacked file is read while another process holds the lock (as a node's later
+    trials read what its first trial unpacked); waiting would end in a MissingDataError after 1 s here."""
+    import stawm.data
+    root = gzip_only_mnist_root(mnist_root, tmp_path)
+    expected = load_data("mnist", root, download=False).digest()  # unpacks the .gz files
+    monkeypatch.setattr(stawm.data, "DATA_LOCK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(stawm.data, "DATA_LOCK_NOTICE_S", 0.2)
+    with dataset_lock("mnist", root):
+        started = time.monotonic()
+        bundle = load_data("mnist", root)  # download=True
+        assert time.monotonic() - started < 10
+    assert bundle.digest() == expected and len(bundle.train) == 60000
+    assert "waiting" not in capsys.readouterr().err
+
+
+def test_lock_wait_is_bounded_and_names_the_lock(tmp_path, monkeypatch, capsys):
+    import stawm.data
+    raw = write_mnist(tmp_path, *tiny_mnist(), gzipped=True)  # something to unpack: the lock is needed
+    monkeypatch.setattr(stawm.data, "DATA_LOCK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(stawm.data, "DATA_LOCK_NOTICE_S", 0.3)
+    lock_file = tmp_path / ".stawm-mnist.lock"
+    with dataset_lock("mnist", tmp_path):
+        with pytest.raises(MissingDataError) as caught:
+            load_data("mnist", tmp_path, download=False)
+    message = str(caught.value)
+    assert str(lock_file) in message and "another process" in message and "\n" not in message
+    assert "never stale" in message and f"delete {lock_file} only if no process has it open" in message
+    assert capsys.readouterr().err.count(f"waiting for another process to finish preparing mnist in {raw}") == 1
+    assert not any((raw / name).exists() for name in MNIST_NAMES)  # nothing was written without the lock
+    assert load_data("mnist", tmp_path, download=False).train.images.shape == (40, 1, 28, 28)  # lock free: loads
+
+
+def test_celeba_decoding_waits_for_the_lock(tmp_path, monkeypatch):
+    """CelebA's decoding writes its cache: it too waits for the lock, and a later load reads the cache."""
+    import stawm.data
+    folder = write_celeba(tmp_path)
+    monkeypatch.setattr(stawm.data, "DATA_LOCK_TIMEOUT_S", 0.5)
+    with dataset_lock("celeba", tmp_path):
+        with pytest.raises(MissingDataError, match="stawm-celeba.lock"):
+            load_data("celeba", tmp_path, image_size=8, download=False)
+    assert not list(folder.glob("stawm-*.pt*"))
+    bundle = load_data("celeba", tmp_path, image_size=8, download=False)
+    with dataset_lock("celeba", tmp_path):  # the cache is there: read without the lock
+        assert torch.equal(load_data("celeba", tmp_path, image_size=8, download=False).train.images,
+                           bundle.train.images)
+
+
+def test_cifar10_archive_in_root_is_unpacked_through_a_staging_folder(tmp_path, monkeypatch):
+    """download=True with the archive already in the root: torchvision unpacks it in a staging folder whose
+    files are then moved into place (each appears whole); the archive stays, the staging folder goes."""
+    from stawm.data import _CIFAR10WithoutChecksums
+    rng = np.random.default_rng(4)
+    batches = [rng.integers(0, 256, (2, 3072), dtype=np.uint8) for _ in range(5)]
+    test = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    write_cifar10(tmp_path / "made", batches, [[b, 9 - b] for b in range(5)], test, [1, 2, 3])
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(_CIFAR10WithoutChecksums, "tgz_md5", None)  # not the official archive's MD5
+    bundle = load_data("cifar10", root)
+    assert bundle.train.labels.tolist() == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5] and bundle.test.labels.tolist() == [1, 2, 3]
+    c, y, x = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    assert np.array_equal(bundle.train.images.numpy(), np.concatenate(batches)[:, c * 1024 + y * 32 + x])
+    left = {path.name for path in root.iterdir()} | {".stawm-cifar10.lock"}  # the lock file may go on release
+    assert left == {".stawm-cifar10.lock", "cifar-10-batches-py", "cifar-10-python.tar.gz"}
+
+
+def test_no_lock_without_anything_to_write(tmp_path):
+    """mnist-sample never touches the data root; a missing dataset with download=False creates nothing."""
+    load_data("mnist-sample", tmp_path)
+    with pytest.raises(MissingDataError):
+        load_data("mnist", tmp_path / "absent", download=False)
+    assert not list(tmp_path.iterdir())

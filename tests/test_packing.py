@@ -156,7 +156,7 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
     assert "fused: 2 trials" in stdout
     lines = [line for line in stdout.splitlines() if "glimpse_size=" in line and "seed=0,1" in line]
     assert len(lines) == 2 and all("stable" in line and "test_error=0." in line for line in lines)
-    assert "--gpus-per-trial auto: 0 GPU per trial (the Ray cluster has no GPU" in stdout
+    assert "--gpus-per-trial auto: 0 GPU per trial (the Ray cluster (1 node) has no GPU and can start none" in stdout
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("fused").experiment_id])
@@ -194,3 +194,18 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
         for key in ("test_error", "train_loss"):
             fused = [m.value for m in client.get_metric_history(run_id, key)]
             assert fused == pytest.approx([r[key] for r in plain], abs=1e-4), key
+
+
+# --- --device auto: what a trial trains on ------------------------------------------------------------
+
+
+def test_device_auto_trains_on_the_cpu_when_the_trial_sees_no_gpu(capsys):
+    from stawm.gpu_share import trial_device
+
+    assert trial_device({"_device": "auto", "_gpu_fraction": 0.0}) == ("cpu", "cpu")
+    assert capsys.readouterr().out == ""  # no GPU asked, nothing to say
+    assert trial_device({"_device": "auto", "_gpu_fraction": 0.5}) == ("cpu", "cpu")  # this machine has no CUDA
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "asked for 0.5 GPU but sees no CUDA device" in said[0] and "on the CPU" in said[0]
+    with pytest.raises(RuntimeError, match="--device cuda, but this trial sees no GPU.*--device auto"):
+        trial_device({"_device": "cuda", "_gpu_fraction": 0.5})

@@ -10,8 +10,9 @@ import pytest
 
 from stawm.preflight import (
     PreflightError,
+    check_for_cluster,
+    check_outside_job_folder,
     check_storage,
-    check_storage_for_cluster,
     check_tracking_uri,
     default_tracking_uri,
     storage_is_shared,
@@ -96,19 +97,74 @@ def test_storage_is_shared(uri, shared):
     assert storage_is_shared(uri) is shared
 
 
-def test_local_storage_is_refused_for_a_two_node_cluster(tmp_path, monkeypatch):
+CLUSTER = "the autoscaling Ray cluster (1 node now, up to 5)"
+
+
+def test_local_storage_is_refused_for_a_cluster_that_may_grow(tmp_path, monkeypatch):
     monkeypatch.delenv("STAWM_SHARED_STORAGE", raising=False)
-    check_storage_for_cluster(str(tmp_path), nodes=1)
-    check_storage_for_cluster("s3://bucket/ray", nodes=2)
+    check_for_cluster("s3://bucket/ray", "http://10.0.1.23:5000", CLUSTER)
     with pytest.raises(PreflightError) as err:
-        check_storage_for_cluster(str(tmp_path), nodes=2)
+        check_for_cluster(str(tmp_path), "http://10.0.1.23:5000", CLUSTER)
     message = one_line(err)
-    assert str(tmp_path) in message and "STAWM_SHARED_STORAGE=1" in message
+    assert str(tmp_path) in message and "STAWM_SHARED_STORAGE=1" in message and CLUSTER in message
 
 
 def test_local_storage_marked_shared_is_accepted_on_a_cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("STAWM_SHARED_STORAGE", "1")
-    check_storage_for_cluster(str(tmp_path), nodes=4)
+    check_for_cluster(str(tmp_path), "http://10.0.1.23:5000", CLUSTER)
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/mlflow.db", "/tmp/mlruns", "file:///tmp/mlruns"])
+def test_a_tracking_file_is_refused_on_a_cluster_even_on_shared_storage(uri, monkeypatch):
+    monkeypatch.setenv("STAWM_SHARED_STORAGE", "1")  # SQLite over NFS from several nodes: still no
+    with pytest.raises(PreflightError) as err:
+        check_for_cluster("s3://bucket/ray", uri, CLUSTER)
+    assert "mlflow server" in one_line(err) and "--tracking-uri http://" in one_line(err)
+
+
+def test_credentials_never_reach_a_message(monkeypatch):
+    monkeypatch.delenv("STAWM_SHARED_STORAGE", raising=False)
+    check_for_cluster("s3://KEY:SECRET@bucket/ray", "postgresql://stawm:hunter2@db:5432/mlflow", CLUSTER)
+    with pytest.raises(PreflightError) as err:
+        check_tracking_uri("mystery://stawm:hunter2@db/x")
+    assert "hunter2" not in str(err.value) and "stawm:***@db" in str(err.value)
+
+
+# --- the temporary folder of a Ray job ------------------------------------------------------------
+
+JOB_CONFIG = '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}'
+
+
+@pytest.fixture
+def in_a_job(tmp_path, monkeypatch):
+    """This process as a `ray job submit --working-dir` driver: Ray's variable set, the cwd its package copy."""
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_CONFIG)
+    return package
+
+
+@pytest.mark.parametrize("flag, value", [("--storage", "ray_results"), ("--tracking-uri", "sqlite:///mlflow.db"),
+                                         ("--data-root", "data"), ("--optuna-storage", "sqlite:///optuna.db")])
+def test_paths_inside_a_jobs_temporary_copy_are_refused(in_a_job, flag, value):
+    with pytest.raises(PreflightError) as err:
+        check_outside_job_folder({flag: value})
+    message = one_line(err)
+    assert message.startswith(f"{flag} {value}") and str(in_a_job) in message and "ray job submit" in message
+
+
+def test_paths_outside_the_job_folder_and_servers_pass(in_a_job, tmp_path):
+    check_outside_job_folder({"--storage": "s3://bucket/ray", "--tracking-uri": "http://10.0.1.23:5000",
+                              "--data-root": str(tmp_path / "data"), "--optuna-storage": "postgresql://h/db"})
+
+
+def test_outside_a_job_relative_paths_are_fine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check_outside_job_folder({"--storage": "ray_results", "--tracking-uri": "sqlite:///mlflow.db"})
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without --working-dir
+    check_outside_job_folder({"--storage": "ray_results"})
 
 
 # --- tracking URI -------------------------------------------------------------------------------
@@ -193,3 +249,24 @@ def test_server_addressed_by_an_unlisted_name_is_refused(mlflow_server):
     with pytest.raises(PreflightError) as err:
         check_tracking_uri(f"http://{name}:{port}")
     assert f"--allowed-hosts {name}:{port}" in one_line(err)
+
+
+# --- the artifact store, written and cleaned before any trial ---------------------------------------
+
+
+def test_artifacts_are_probed_where_the_runs_write_them_and_the_probe_is_removed(tmp_path):
+    from mlflow import MlflowClient
+
+    from stawm.tracking import check_artifacts
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    good = client.create_experiment("good", artifact_location=(tmp_path / "artifacts").as_uri())
+    check_artifacts(client, good)
+    assert not list((tmp_path / "artifacts").rglob("*probe*"))  # written, then deleted
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = client.create_experiment("bad", artifact_location=(tmp_path / "a-file" / "artifacts").as_uri())
+    with pytest.raises(PreflightError) as err:
+        check_artifacts(client, bad)
+    message = one_line(err)
+    assert message.startswith(f"cannot write MLflow artifacts to {(tmp_path / 'a-file' / 'artifacts').as_uri()}")
+    assert "--artifacts-destination" in message

@@ -355,7 +355,7 @@ def test_a_finished_study_is_not_overwritten_without_resume(tmp_path, capsys):
             "--name", "done"]
     args = runner.parse_args("a study", preset="mnist-class-8", argv=argv)
     assert args.config["dataset"] == "mnist-sample" and args.config["epochs"] == 1 and args.seeds == 2
-    assert args.preset == "tiny" and args.device == "cpu" and args.storage == str(tmp_path / "ray")
+    assert args.preset == "tiny" and args.device == "auto" and args.storage == str(tmp_path / "ray")
     (tmp_path / "ray" / "done").mkdir(parents=True)
     (tmp_path / "ray" / "done" / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     with pytest.raises(SystemExit):

@@ -23,7 +23,7 @@ import time
 from mlflow import MlflowClient
 
 from stawm import schema
-from stawm.tracking import git_commit
+from stawm.provenance import git_commit
 
 
 def count_runs(tracking_uri: str, study: str) -> dict:
