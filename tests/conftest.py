@@ -96,15 +96,17 @@ def mlflow_server() -> str:
 # The end-to-end checks of the cluster path spend most of their time waiting: pip downloading the study stack,
 # a fake cluster's head and workers starting, a job's driver importing. A test module that defines
 # `start_early() -> object` has it run in a background thread when collection ends, if any of its slow tests
-# was selected; its fixture takes the result with `early_result(__name__)` (which re-raises what it raised).
-# The work starts subprocesses only (no Ray or MLflow client in this process), so the tests running meanwhile
-# are not touched, only slowed where both want the CPU. The session's MLflow server starts early too.
+# is selected (none with -m "not slow"); its fixture takes the result with `early_result(__name__, start_early)`,
+# which re-raises what it raised. The work starts subprocesses only (no Ray or MLflow client in this process), so
+# the tests running meanwhile are not touched, only slowed where both want the CPU. The session's MLflow server
+# starts early too, when a selected test uses it.
 
 _EARLY_POOL = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early")
 _EARLY: dict[str, Future] = {}
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_finish(session):
+    items = session.items  # what runs: after `-m`, `-k` and the like have deselected theirs
     slow = [item for item in items if item.get_closest_marker("slow")]
     if any("mlflow_server" in item.fixturenames for item in items):
         _EARLY["mlflow_server"] = _EARLY_POOL.submit(SESSION_SERVER.uri)

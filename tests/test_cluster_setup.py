@@ -207,6 +207,25 @@ def stop_everything(port: int, root: Path, groups: list[subprocess.Popen]) -> li
     return [" ".join(p.cmdline()) for p in alive if p.is_running()]
 
 
+def run_checks(home: Path, root: Path, env: dict) -> dict[str, tuple[str, str, int]]:
+    """What a user of the node runs first, at once (each imports much of the stack; none depends on another):
+    name -> (stdout, stderr, status)."""
+    probe = ("import stawm.runner, optuna, mlflow, ray.tune, boto3\n"
+             "import optuna_dashboard, stawm, torch\n"
+             "from importlib import metadata\n"
+             "print(stawm.__file__)\n"
+             "print(*(f'{d} {metadata.version(d)}' for d in ('mlflow', 'optuna', 'boto3', 'ray', 'torch')))")
+    elsewhere = root  # not ~, where the directory ~/stawm would import as a namespace package `stawm`
+    checks = {
+        "mlflow --version": (["mlflow", "--version"], elsewhere),
+        "imports": (["python", "-c", probe], elsewhere),
+        "study --help": (["python", "studies/glimpse_size.py", "--help"], home / "stawm"),
+    }
+    running = {name: subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for name, (args, cwd) in checks.items()}
+    return {name: (*process.communicate(timeout=300), process.returncode) for name, process in running.items()}
+
+
 def start_early() -> dict:
     """A head node set up by cluster.yaml's commands, its MLflow server running (conftest starts this in the
     background as soon as the tests are collected: most of it is pip downloading)."""
@@ -257,14 +276,18 @@ def start_early() -> dict:
             failed = [done for done in runs[key] if done.returncode != 0]
             assert not failed, (f"{key} failed ({failed[0].returncode}): {failed[0].args[-1]}\n"
                                 f"{failed[0].stdout[-3000:]}\n{failed[0].stderr[-5000:]}")
-        (root / "seconds.json").write_text(json.dumps(seconds, indent=1))  # kept beside the node, to budget the suite
+        clock = time.monotonic()
+        checks = run_checks(home, root, environment)
+        seconds["checks"] = time.monotonic() - clock
+        (root / "seconds.json").write_text(json.dumps(seconds, indent=1))
     except BaseException:
         stop_everything(port, root, started)
         shutil.rmtree(root, ignore_errors=True)
         raise
     return {"root": root, "home": home, "disk": disk, "port": port, "places": places, "site": site,
             "image_packages": image_packages, "env": environment, "runs": runs, "seconds": seconds, "run": run,
-            "started": started, "stop": lambda: (stop_everything(port, root, started), shutil.rmtree(root, True))}
+            "checks": checks, "started": started,
+            "stop": lambda: (stop_everything(port, root, started), shutil.rmtree(root, True))}
 
 
 @pytest.fixture(scope="module")
@@ -283,20 +306,7 @@ def head():
 def test_setup_installs_the_locked_study_stack_beside_the_images_packages(head):
     env, home = head["env"], head["home"]
     assert shutil.which("mlflow", path=env["PATH"]) == str(head["root"] / "image" / "bin" / "mlflow")
-    probe = ("import stawm.runner, optuna, mlflow, ray.tune, boto3\n"
-             "import optuna_dashboard, stawm, torch\n"
-             "from importlib import metadata\n"
-             "print(stawm.__file__)\n"
-             "print(*(f'{d} {metadata.version(d)}' for d in ('mlflow', 'optuna', 'boto3', 'ray', 'torch')))")
-    elsewhere = head["root"]  # not ~, where the directory ~/stawm would import as a namespace package `stawm`
-    checks = {  # at once: each imports much of the stack, and they do not depend on each other
-        "mlflow --version": (["mlflow", "--version"], elsewhere),
-        "imports": (["python", "-c", probe], elsewhere),
-        "study --help": (["python", "studies/glimpse_size.py", "--help"], home / "stawm"),
-    }
-    running = {name: subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True) for name, (args, cwd) in checks.items()}
-    done = {name: (*process.communicate(timeout=300), process.returncode) for name, process in running.items()}
+    done = head["checks"]
     for name, (stdout, stderr, status) in done.items():
         assert status == 0, f"{name} failed ({status}):\n{stdout[-2000:]}\n{stderr[-5000:]}"
     assert done["mlflow --version"][0].startswith("mlflow, version")
