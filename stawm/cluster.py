@@ -53,12 +53,14 @@ class ClusterShape:
         return self.live_gpus > 0 or not self.autoscaling or bool(self.node_types)
 
     def describe(self) -> str:
-        """One phrase for messages: 'the Ray cluster (1 node now, up to 3: worker.gpu x2; from ...)'."""
+        """One phrase for messages, e.g. 'the Ray cluster (2 nodes)' or 'the autoscaling Ray cluster (1 node now,
+        up to 3: worker.gpu (CPU 4, GPU 1); read from ...)'."""
+        nodes = f"{self.live_nodes} node{'s' if self.live_nodes != 1 else ''}"
         if not self.autoscaling:
-            return f"the Ray cluster ({self.live_nodes} node{'s' if self.live_nodes != 1 else ''})"
+            return f"the Ray cluster ({nodes})"
         most = "an unknown number" if self.max_nodes is None else str(self.max_nodes)
         types = ", ".join(f"{name} {_resources(res)}" for name, res in self.node_types.items())
-        return (f"the autoscaling Ray cluster ({self.live_nodes} node{'s' if self.live_nodes != 1 else ''} now, "
+        return (f"the autoscaling Ray cluster ({nodes} now, "
                 f"up to {most}{': ' + types if types else ''}; read from {self.source})")
 
 
@@ -86,9 +88,8 @@ def shape() -> ClusterShape:
 
 def _autoscaler_status() -> dict | None:
     """The v1 autoscaler's last status report (it holds the monitor's pid), {} for a v2 autoscaler, None if none."""
-    from ray.experimental import internal_kv
-
     from ray._private import ray_constants
+    from ray.experimental import internal_kv
 
     raw = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
     if raw:
