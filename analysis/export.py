@@ -10,19 +10,17 @@ writes into the folder (a few MB for hundreds of trials):
   commit, and the command, commit and time of the export;
 - README.md: the same, for a person, with the command that rebuilds the report from the folder.
 
-`ExportedStudy(folder)` reads it back with the same interface as `source.MlflowStudy`, so the report
-(`stawm-report --from FOLDER`) and the notebooks (`results=FOLDER`) need no MLflow store.
+`source.ExportedStudy(folder)` reads it back with the same interface as `source.MlflowStudy`, so the
+report (`stawm-report --from FOLDER`) and the notebooks (`results=FOLDER`) need no MLflow store.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -32,10 +30,9 @@ from stawm.config import field_types
 
 from . import store
 from .files import NotWritable, check_writable, write_whole
-from .source import MlflowStudy, stability_frame
+from .source import HISTORY, RUNS, STABILITY, STUDY, MlflowStudy
 
-RUNS, HISTORY, STABILITY, STUDY, README = "runs.csv", "history.csv.gz", "stability.csv", "study.json", "README.md"
-BOOLEAN_COLUMNS = ("stability_ok", "flagged", "static_ok", "diverged")
+README = "README.md"
 
 
 def logged_metrics(runs: pd.DataFrame) -> list[str]:
@@ -82,56 +79,6 @@ def readme(meta: dict, out: Path) -> str:
             f"    {meta['exported_with']}\n\n"
             f"Rebuild the report from these files alone:\n\n"
             f"    stawm-report --from {out} --out reports/{meta['study']}\n")
-
-
-class ExportedStudy:
-    """A study read from an export folder: `runs`, `info`, `history(metrics)`, `stability()`."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        missing = [name for name in (RUNS, HISTORY, STABILITY, STUDY) if not (self.folder / name).is_file()]
-        if missing:
-            raise store.StudyNotFound(f"{self.folder} holds no exported study (missing {', '.join(missing)}); "
-                                      f"make one with stawm-export")
-        meta = json.loads((self.folder / STUDY).read_text())
-        self.meta = meta
-        self.info = store.StudyInfo(meta["study"], None, None, meta["seeds"], meta[schema.SWEPT], meta["params"],
-                                    meta["parents"])
-        self.runs = typed_runs(pd.read_csv(self.folder / RUNS, dtype=str, keep_default_na=False))
-        self._history = pd.read_csv(self.folder / HISTORY, dtype={"run_id": str, "metric": str, "step": "int64",
-                                                                  "value": "float64"})
-
-    def history(self, metrics: Sequence[str]) -> pd.DataFrame:
-        frame = self._history[self._history["metric"].isin(list(metrics))]
-        return frame.reset_index(drop=True)[list(store.HISTORY_COLUMNS)]
-
-    def stability(self) -> pd.DataFrame:
-        frame = pd.read_csv(self.folder / STABILITY, dtype={"run_id": str, "condition": str, "kind": str})
-        return stability_frame(frame.to_dict("records"))
-
-    @property
-    def parent_tags(self) -> dict:
-        return {schema.NOTE: self.meta.get("ran_with", "")}
-
-
-def typed_runs(raw: pd.DataFrame) -> pd.DataFrame:
-    """runs.csv (every cell text) back to the runs shape's types: config fields by Config's types,
-    the verdict as bools, times as UTC timestamps, metrics as floats ("" is NaN, or None for a field)."""
-    types, runs = field_types(), raw.copy()
-    for column in runs.columns:
-        text = raw[column]
-        if column in types:
-            kind = types[column]  # a text field is "" when empty; any other empty cell was not logged
-            runs[column] = [schema.parse_value(column, v, kind) if v != "" or kind is str else None for v in text]
-        elif column in BOOLEAN_COLUMNS:
-            runs[column] = [schema.parse_value(column, v, bool) for v in text]
-        elif column in ("start_time", "end_time"):
-            runs[column] = pd.to_datetime(text.replace("", None), utc=True, format="ISO8601")
-        elif column in store.META or column == "flags":
-            runs[column] = text.replace("", None) if column != "flags" else text
-        else:
-            runs[column] = [float(v) if v != "" else math.nan for v in text]
-    return runs
 
 
 def main(argv=None) -> int:

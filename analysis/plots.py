@@ -25,6 +25,7 @@ from .stats import aggregate, included, rate_fields
 from .tables import cell_text, spread_phrase
 
 if TYPE_CHECKING:  # matplotlib and seaborn are imported where used: `import` of the package stays quick
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 DODGE = 0.8  # the width seaborn's dodged strips and swarms share among hue levels, per category
@@ -41,13 +42,14 @@ def ablation_fields() -> tuple[str, ...]:
 
 
 def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_expected: int | None = None,
-                  include_flagged: bool = False, hue: str | None = None) -> Figure:
+                  include_flagged: bool = False, hue: str | None = None, *, ax: Axes | None = None) -> Figure:
     """`metric` against config field `x`: mean ± std (ddof=1) over seeds, with every seed's point.
 
     `x` is categorical, one tick per value the runs have. `hue` (another swept field) draws one
     series per value, side by side, so that different configurations are not pooled. Flagged runs
     left out of the statistics are still drawn, as crosses; a configuration short of
-    `seeds_expected` seeds is labelled n=k/N.
+    `seeds_expected` seeds is labelled n=k/N. Given `ax`, it draws there (one panel of the caller's
+    figure, which the caller lays out) and returns that figure; otherwise a figure of its own.
     """
     from matplotlib.lines import Line2D
 
@@ -62,7 +64,8 @@ def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_e
     left_out = ~used & finite & runs["flagged"].astype(bool)
     data = pd.DataFrame({"x": runs[x].map(cell_text), "y": runs[metric].astype(float) * scale,
                          "hue": runs[hue].map(cell_text) if hue else ""})
-    fig, (ax,) = style.figure()
+    own = ax is None
+    fig, (ax,) = style.figure() if own else (ax.figure, (ax,))
     _seeds_and_means(fig, ax, data[used], data[left_out], order, levels if hue else None, colors)
     _label_short(ax, agg, x, hue, order, levels, colors, scale, seeds_expected or agg["n"].max())
     ax.set_xticks(range(len(order)), order)
@@ -83,7 +86,7 @@ def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_e
     if seeds_expected is not None and not agg["complete"].all():
         spread += " (n=k/N where fewer)"
     style.title(ax, f"{label} against {x}\n{spread}; dots: seeds")
-    return style.finish(fig)
+    return style.finish(fig) if own else fig
 
 
 def _seeds_and_means(fig, ax, used: pd.DataFrame, left_out: pd.DataFrame, order: list[str],

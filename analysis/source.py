@@ -1,4 +1,4 @@
-"""Where a study's results come from: its MLflow store, or a folder of shipped results (export.py).
+"""Where a study's results come from: its MLflow store, or a folder of shipped results (written by export.py).
 
 Both give the same four things, in the shapes store.py states: `runs` (one row per trial), `info`
 (the parent run), `history(metrics)` (per-epoch values, long), and `stability()` (the epoch each
@@ -9,6 +9,7 @@ fresh clone rebuilds every table and figure from `analysis/results/<study>/` wit
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from functools import cached_property
@@ -18,9 +19,12 @@ from typing import Sequence
 import pandas as pd
 
 from stawm import schema
+from stawm.config import field_types
 
 from . import store
 
+RUNS, HISTORY, STABILITY, STUDY = "runs.csv", "history.csv.gz", "stability.csv", "study.json"  # export.py's files
+BOOLEAN_COLUMNS = ("stability_ok", "flagged", "static_ok", "diverged")
 STABILITY_COLUMNS = {"run_id": "str", "condition": "str", "kind": "str", "ok": "bool", "first_failed_epoch": "float64"}
 
 
@@ -60,6 +64,56 @@ class MlflowStudy:
         return dict(store._client(self.tracking_uri).get_run(self.info.parent_run_id).data.tags)
 
 
+class ExportedStudy:
+    """A study read from an export folder: `runs`, `info`, `history(metrics)`, `stability()`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        missing = [name for name in (RUNS, HISTORY, STABILITY, STUDY) if not (self.folder / name).is_file()]
+        if missing:
+            raise store.StudyNotFound(f"{self.folder} holds no exported study (missing {', '.join(missing)}); "
+                                      f"make one with stawm-export")
+        meta = json.loads((self.folder / STUDY).read_text())
+        self.meta = meta
+        self.info = store.StudyInfo(meta["study"], None, None, meta["seeds"], meta[schema.SWEPT], meta["params"],
+                                    meta["parents"])
+        self.runs = typed_runs(pd.read_csv(self.folder / RUNS, dtype=str, keep_default_na=False))
+        self._history = pd.read_csv(self.folder / HISTORY, dtype={"run_id": str, "metric": str, "step": "int64",
+                                                                  "value": "float64"})
+
+    def history(self, metrics: Sequence[str]) -> pd.DataFrame:
+        frame = self._history[self._history["metric"].isin(list(metrics))]
+        return frame.reset_index(drop=True)[list(store.HISTORY_COLUMNS)]
+
+    def stability(self) -> pd.DataFrame:
+        frame = pd.read_csv(self.folder / STABILITY, dtype={"run_id": str, "condition": str, "kind": str})
+        return stability_frame(frame.to_dict("records"))
+
+    @property
+    def parent_tags(self) -> dict:
+        return {schema.NOTE: self.meta.get("ran_with", "")}
+
+
+def typed_runs(raw: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv (every cell text) back to the runs shape's types: config fields by Config's types,
+    the verdict as bools, times as UTC timestamps, metrics as floats ("" is NaN, or None for a field)."""
+    types, runs = field_types(), raw.copy()
+    for column in runs.columns:
+        text = raw[column]
+        if column in types:
+            kind = types[column]  # a text field is "" when empty; any other empty cell was not logged
+            runs[column] = [schema.parse_value(column, v, kind) if v != "" or kind is str else None for v in text]
+        elif column in BOOLEAN_COLUMNS:
+            runs[column] = [schema.parse_value(column, v, bool) for v in text]
+        elif column in ("start_time", "end_time"):
+            runs[column] = pd.to_datetime(text.replace("", None), utc=True, format="ISO8601")
+        elif column in store.META or column == "flags":
+            runs[column] = text.replace("", None) if column != "flags" else text
+        else:
+            runs[column] = [float(v) if v != "" else math.nan for v in text]
+    return runs
+
+
 def stability_rows(run_id: str, report: dict) -> list[dict]:
     return [{"run_id": run_id, "condition": name, "kind": c["kind"], "ok": bool(c["ok"]),
              "first_failed_epoch": c["first_failed_epoch"]} for name, c in report["conditions"].items()]
@@ -77,8 +131,6 @@ def open_study(study: str | None = None, tracking_uri: str | None = None, *, res
                cache_dir: str | Path = ".cache/mlflow-history", progress: bool = True):
     """The study from shipped results when `results` (a folder) is given, else from MLflow."""
     if results:
-        from .export import ExportedStudy
-
         return ExportedStudy(results)
     if not study or not tracking_uri:
         raise ValueError("give a study and a tracking URI, or a folder of shipped results")

@@ -8,11 +8,7 @@ __all__ = ["Config", "ConfigError", "HebbRosenblatt", "Output", "PRESETS", "STAW
 def __getattr__(name: str):
     # The model classes import torch; loading them on first use keeps `stawm.config` (read by the
     # analysis library and the study drivers) free of that cost.
-    if name == "HebbRosenblatt":
-        from .memory import HebbRosenblatt
-
-        return HebbRosenblatt
-    if name in ("STAWM", "Output"):
+    if name in ("HebbRosenblatt", "STAWM", "Output"):
         from . import model
 
         return getattr(model, name)

@@ -15,7 +15,7 @@ The layout of a study in MLflow:
   NODE, DEVICE, GPU, CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped
   it; a run name made of its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
   digest; DATASET_CONTEXT); params = the flat Config; metrics per epoch (step = epoch) under the
-  engine's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT.
+  training loop's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT.
 """
 
 from __future__ import annotations
@@ -55,6 +55,18 @@ STABILITY_FLAGS = "stability.flags"  # the failed conditions, comma-separated ("
 STABILITY_STATIC_OK = "stability.static_ok"  # passed before training
 STABILITY_DIVERGED = "stability.diverged"  # loss, gradients or W went non-finite
 STABILITY_TAGS = (STABILITY_OK, STABILITY_FLAGS, STABILITY_STATIC_OK, STABILITY_DIVERGED)
+
+# --- the Appendix A conditions (stawm.model.stability checks them; their names are the flags) ---------
+# condition -> (kind, what it asks). Informational ones are reported but never fail a run.
+CONDITIONS = {
+    "activation": ("static", "sigma_I and sigma_II nonnegative and bounded (ReLU6: 6, sigmoid: 1)"),
+    "rates": ("static", "eta > 0, delta > 0, theta >= 0"),
+    "decay": ("static", "delta <= 1 (delta > 1 oscillates, delta >= 2 diverges)"),
+    "eta_gt_delta": ("informational", "eta > delta (the paper's garbled comparison; unproven)"),
+    "stationary_input": ("informational", "memory input independent of recurrent outputs (STAWM's 'where' breaks it)"),
+    "bound": ("runtime", "W_ij <= (eta/delta) L_I L_II and (W q)_i <= M L_q (eta/delta) L_I L_II"),
+    "finite": ("runtime", "loss, gradients and W stay finite"),
+}
 
 # --- params of the parent run ---------------------------------------------------------------------
 

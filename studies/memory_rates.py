@@ -24,7 +24,7 @@ import sys
 
 from ray import tune
 
-from stawm import runner
+from stawm.study import runner
 
 GRID = {
     "delta": [0.05, 0.2, 0.5, 1.0, 1.5, 2.0],
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        tune_config=runner.tune_config(args),
         run_config=runner.run_config(args),
     )
     return runner.finish_study(study, tuner.fit())

@@ -25,7 +25,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, Repeater
 from ray.tune.search.optuna import OptunaSearch
 
-from stawm import runner, schema
+from stawm import schema
+from stawm.study import runner
 
 SPACE = {
     "delta": tune.uniform(0.01, 1.0),
@@ -75,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     tuner = runner.restored(args, trainable, name=study.name) or tune.Tuner(
         trainable,
         param_space={**study.base_config, "validation_size": validation_size, **space},
-        tune_config=tune.TuneConfig(
+        tune_config=runner.tune_config(
+            args,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or 2 * repeat),
             scheduler=ASHAScheduler(metric=schema.VAL_ERROR, mode="min", max_t=args.config["epochs"], grace_period=1)
             if extra["asha"] else None,
             num_samples=samples * repeat,  # a multiple of the Repeater's repeat
-            reuse_actors=True,
         ),
         run_config=runner.run_config(args, name=study.name),
     )
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         trainable,
         param_space={**study.base_config, "_variant": tune.grid_search(best),
                      "seed": tune.grid_search(RERUN_SEEDS[: args.seeds])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        tune_config=runner.tune_config(args),
         run_config=runner.run_config(args),
     )
     return runner.finish_study(study, tuner.fit()) or status

@@ -23,7 +23,7 @@ import sys
 
 from ray import tune
 
-from stawm import runner
+from stawm.study import runner
 
 SEEDS = [0, 1, 2, 3, 4]  # the paper's 5 trials
 ROWS = {  # row -> (preset, fields changed in it); N is each preset's (10 for S_g = 28; with --authors-code, 8)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
         param_space={**study.base_config, "_variant": tune.grid_search(stage1)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+        tune_config=runner.tune_config(args),
         run_config=runner.run_config(args),
     )
     results = tuner.fit()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         tuner = runner.restored(args, trainable, name=name) or tune.Tuner(
             trainable,
             param_space={**study.base_config, "_variant": tune.grid_search(stage2)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True),
+            tune_config=runner.tune_config(args),
             run_config=runner.run_config(args, name=name),
         )
         selfsup = list(tuner.fit())

@@ -6,11 +6,11 @@ Times, in one run on one device:
     (--workers, theirs was 10), the model eager, batch 128 (the config's), clipping by value, the loss and accuracy
     read with `.item()` every step as their training library (torchbearer) did (their per-epoch
     checkpoint and TensorBoard writing are left out, as (b) runs without a checkpoint folder too);
-(b) the engine as users run it (stawm.engine.train), once per --engine-options (compile/precision);
+(b) the loop as users run it (stawm.train.train), once per --engine-options (compile/precision);
 (c) K trials packed on the device as separate Ray Tune trials with fractional resources
     (tune.with_resources(fn, {"gpu": 1/K, "cpu": cores/K})), K in --packed-ks; on a CPU only K up to
     the number of cores;
-(d) K trials fused in one process (stawm.fused.train_fused).
+(d) K trials fused in one process (the same loop with K members).
 The "trials" of (c) and (d) are seeds 0..K-1 of one configuration: there is no search space.
 
 What the table means (also in the JSON, per row):
@@ -38,10 +38,11 @@ import time
 
 import torch
 
-from stawm import benchmark, schema
-from stawm import benchmark_report as report_
-from stawm.bookkeeping import load_training_data
+from stawm import schema
+from stawm.bench import benchmark
+from stawm.bench import report as report_
 from stawm.config import preset
+from stawm.train.data import load_training_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if variant == "a":
                     result = benchmark.baseline(cfg, device, args)
-                elif variant == "b":
-                    result = benchmark.engine(cfg, device, data, opts)
                 elif variant == "c":
                     result = benchmark.packed(cfg, device, K, opts, args)
-                else:
-                    result = benchmark.fused(cfg, device, data, K, opts)
+                else:  # (b) the loop, (d) K seeds fused in it
+                    result = benchmark.loop(variant, cfg, device, data, K, opts)
             except Exception as err:  # one broken variant must not cost the others (one GPU call runs them all)
                 report["notes"].append(f"{label}: failed: {type(err).__name__}: {str(err)[:1000]}")
                 print(f"  failed: {type(err).__name__}: {err}", flush=True)

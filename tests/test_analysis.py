@@ -466,6 +466,42 @@ def test_ablation_ticks_are_the_swept_values_and_bars_the_table(hand_store, tabl
     assert len(foot) == 2 and foot[0].xy[0] == pytest.approx(0.8) and foot[1].xy[0] == pytest.approx(1.2)
 
 
+def test_ablations_draw_into_the_axes_given(table_runs):
+    """Two ablations side by side in the caller's figure: each panel's means and ± std bars are those
+    of its runs (worked out here from the frame), and no figure of their own is made."""
+    import matplotlib.pyplot as plt
+
+    finished = table_runs[table_runs["status"] == "FINISHED"]  # B's seed 4 is still running
+    by_size = {"without flagged": finished[~finished["flagged"]], "with flagged": finished}
+    expected = {k: [100 * runs.loc[runs["glimpse_size"] == size, schema.TEST_ERROR] for size in (8, 28)]
+                for k, runs in by_size.items()}
+    assert [e.mean() / 100 for e in expected["without flagged"]] == pytest.approx([A_MEAN, B_MEAN])
+    assert [e.mean() / 100 for e in expected["with flagged"]] == pytest.approx([A_MEAN, BF_MEAN])
+    fig, axes = plt.subplots(1, 2)
+    try:
+        figures = plt.get_fignums()
+        drawn = [plots.plot_ablation(table_runs, "glimpse_size", seeds_expected=5, ax=axes[0]),
+                 plots.plot_ablation(table_runs, "glimpse_size", include_flagged=True, ax=axes[1])]
+        assert plt.get_fignums() == figures and drawn == [fig, fig] and list(fig.axes) == list(axes)
+        for ax, (key, errors) in zip(axes, expected.items()):
+            assert _ticks(ax) == ["8", "28"], key
+            (means,) = [line.get_ydata() for line in ax.lines if line.get_gid() == "mean"]
+            assert list(means) == pytest.approx([e.mean() for e in errors]), key
+            bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "std"]
+            assert [(np.nanmin(y), np.nanmax(y)) for y in bars] == [
+                pytest.approx((e.mean() - e.std(ddof=1), e.mean() + e.std(ddof=1))) for e in errors], key
+            seeds = sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == "seed")
+            assert seeds == sum(len(e) for e in errors), key
+        crosses = [[len(c.get_offsets()) for c in ax.collections if c.get_gid() == "flagged (left out)"]
+                   for ax in axes]
+        assert crosses == [[1], []]  # the flagged B seed: a cross on the left, a seed on the right
+        titles = [" ".join(ax.get_title().split()) for ax in axes]  # wrapped to each panel's width
+        assert "over 5 seeds (n=k/N where fewer)" in titles[0] and "over up to 5 seeds" in titles[1]
+        assert [[t.get_text() for t in ax.texts] for ax in axes] == [["n=3/5"], ["n=4/5"]]  # B: 3, then 4 seeds
+    finally:
+        plt.close(fig)
+
+
 def test_single_epoch_curves_show_a_point(hand_store, table_runs):
     """A run of one epoch draws a marker (a line through one point is invisible) and error bars."""
     one = pd.DataFrame({"run_id": table_runs["run_id"].iloc[:5], "metric": schema.TEST_ERROR,
@@ -728,3 +764,69 @@ def test_notebooks_and_report_on_a_real_quick_study(quick_study, tmp_path):
         assert not [o for o in outputs if o.output_type == "error"], name
         assert any((tmp_path / name).iterdir()), f"{name} wrote no figure or table"
     assert (tmp_path / "ablations" / "ablation_glimpse_size.png").exists()
+
+
+# --- the package's modules ----------------------------------------------------------------------
+
+
+def _analysis_imports() -> dict[str, set[str]]:
+    """Each analysis/*.py module's imports of its siblings (`from . import x`, `from .x import y`, or
+    through `stawm.analysis`), at module level and inside functions alike: {module: {sibling, ...}}."""
+    import ast
+
+    folder = REPO / "analysis"
+    modules = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for name in sorted(modules):
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):  # import stawm.analysis.x
+                found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("stawm.analysis.")}
+                continue
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 1:  # from . import x; from .x import y
+                module = node.module
+            elif node.level == 0 and f"{node.module}.".startswith("stawm.analysis."):
+                module = node.module[len("stawm.analysis."):]
+            else:
+                continue
+            found |= {module.split(".")[0]} if module else {a.name for a in node.names}
+        graph[name] = found & modules - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk meets, each as the path that closes it (first module repeated)."""
+    cycles, done, path = [], set(), []
+
+    def walk(node):
+        if node in path:
+            cycles.append(path[path.index(node):] + [node])
+            return
+        if node in done:
+            return
+        path.append(node)
+        for child in sorted(graph[node]):
+            walk(child)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        walk(node)
+    return cycles
+
+
+def test_cycles_finds_a_closed_path():
+    """The cycle check itself, on graphs drawn by hand: a chain has none, a loop through three is found."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_analysis_modules_import_no_cycle():
+    """No analysis module imports one that imports it back, directly or round a longer circle,
+    not even inside a function (where a circle works until someone moves the import up)."""
+    graph = _analysis_imports()
+    assert {"style", "files", "stats", "tables"} <= graph["plots"]  # module level: `from . import`, `from .x`
+    assert {"plots", "source", "store"} <= graph["report"]  # inside its functions only
+    assert _cycles(graph) == []

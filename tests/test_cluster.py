@@ -43,7 +43,8 @@ import ray
 import yaml
 from mlflow import MlflowClient
 
-from stawm import cluster, flags, gpu_share, preflight, schema
+from stawm import schema
+from stawm.study import cluster, flags, gpu_share, preflight
 
 from conftest import SESSION_SERVER, _free_port, _stop_group, _wait_until_answers, early_result
 
@@ -128,11 +129,11 @@ def start_fake_cluster() -> FakeCluster:
     return cluster
 
 
-# What a study's driver makes of the cluster: its shape as `stawm.cluster` reads it, as JSON.
+# What a study's driver makes of the cluster: its shape as `stawm.study.cluster` reads it, as JSON.
 SHAPE_SCRIPT = """
 import dataclasses, json, sys
 import ray
-from stawm import cluster
+from stawm.study import cluster
 ray.init(address=sys.argv[1], logging_level="ERROR")
 shape = cluster.shape()
 print(json.dumps({**dataclasses.asdict(shape), "multi_node": shape.multi_node, "gpu_node_types": shape.gpu_node_types,

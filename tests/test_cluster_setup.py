@@ -212,7 +212,7 @@ def stop_everything(port: int, root: Path, groups: list[subprocess.Popen]) -> li
 def run_checks(home: Path, root: Path, env: dict) -> dict[str, tuple[str, str, int]]:
     """What a user of the node runs first, at once (each imports much of the stack; none depends on another):
     name -> (stdout, stderr, status)."""
-    probe = ("import stawm.runner, optuna, mlflow, ray.tune, boto3\n"
+    probe = ("import stawm.study.runner, optuna, mlflow, ray.tune, boto3\n"
              "import optuna_dashboard, stawm, torch\n"
              "from importlib import metadata\n"
              "print(stawm.__file__)\n"

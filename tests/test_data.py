@@ -1,7 +1,7 @@
-"""stawm.data on tiny files written here in each dataset's on-disk format, read by torchvision's real code.
+"""stawm.train.data on tiny files written here in each dataset's on-disk format, read by torchvision's real code.
 
 Expected values come from the formats' definitions (IDX headers, CIFAR's R/G/B planes, CelebA's list
-files), from hand arithmetic, or from brute-force references built here in NumPy, never from stawm.data.
+files), from hand arithmetic, or from brute-force references built here in NumPy, never from stawm.train.data.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stawm.data import (
-    DATASETS, DataBundle, MissingDataError, Split, default_data_root, iterate_batches, load_data, prepare_batch,
+from stawm.train.data import (
+    DATASETS, DataBundle, MissingDataError, Split, default_data_root, iterate_batches, load_data, normalize,
+    prepare_batch,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +285,7 @@ def test_failed_download_raises_missing_data_quickly(tmp_path):
     In a subprocess so that urllib builds its opener with these proxy settings.
     """
     script = textwrap.dedent(f"""
-        from stawm.data import MissingDataError, load_data
+        from stawm.train.data import MissingDataError, load_data
         try:
             load_data("mnist", {str(tmp_path)!r}, download=True)
         except MissingDataError as error:
@@ -528,12 +529,12 @@ def test_crop_flip_hand_example():
 
 def test_normalisation_arithmetic():
     pixels = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
-    out = prepare_batch(pixels, augment="none", generator=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.2))
+    out = normalize(prepare_batch(pixels, augment="none", generator=None), (0.5, 0.5, 0.5), (0.5, 0.25, 0.2))
     # (0 - 0.5) / 0.5 = -1; (1 - 0.5) / 0.25 = 2; (0.2 - 0.5) / 0.2 = -1.5
     expected = torch.tensor([-1.0, 2.0, -1.5]).view(1, 3, 1, 1).expand(2, 3, 2, 2)
     assert torch.allclose(out, expected, atol=1e-6)
-    mnist = prepare_batch(torch.full((1, 1, 1, 1), 51, dtype=torch.uint8), augment="none", generator=None,
-                          mean=(0.1307,), std=(0.3081,))
+    mnist = normalize(prepare_batch(torch.full((1, 1, 1, 1), 51, dtype=torch.uint8), augment="none", generator=None),
+                      (0.1307,), (0.3081,))
     assert abs(mnist.item() - (0.2 - 0.1307) / 0.3081) < 1e-6  # 0.224927...
     plain = prepare_batch(pixels, augment="none", generator=None)
     assert torch.allclose(plain[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.2]), atol=1e-7)
@@ -552,7 +553,7 @@ def test_prepare_batch_rejects_unknown_augment_and_float_input():
 # --------------------------------------------------------------------------------------------------
 
 def dataset_lock(dataset: str, root: Path) -> filelock.FileLock:
-    """The lock stawm.data takes before writing a dataset's files: ROOT/.stawm-<dataset>.lock (its contract)."""
+    """The lock stawm.train.data takes before writing a dataset's files: ROOT/.stawm-<dataset>.lock (its contract)."""
     return filelock.FileLock(str(root / f".stawm-{dataset}.lock"))
 
 
@@ -581,12 +582,12 @@ LOAD_MNIST_SCRIPT = textwrap.dedent("""
                 f.write(url + "\\n")
             shutil.copyfile(Path(mirror) / Path(url).name, filename)
         utils._urlretrieve = fetch
-    import stawm.data
-    stawm.data.DATA_LOCK_NOTICE_S = notice_s
+    import stawm.train.data
+    stawm.train.data.DATA_LOCK_NOTICE_S = notice_s
     print("STARTED", flush=True)
 
     def load():
-        bundle = stawm.data.load_data("mnist", root)
+        bundle = stawm.train.data.load_data("mnist", root)
         print("LOADED", len(bundle.train), bundle.digest(), flush=True)
 
     if workers == 1:
@@ -680,11 +681,11 @@ def test_concurrent_loads_unpack_and_download_once(mnist_root, tmp_path):
 def test_complete_root_is_read_without_the_lock(mnist_root, tmp_path, monkeypatch, capsys):
     """A root holding every unpacked file is read while another process holds the lock (as a node's later
     trials read what its first trial unpacked); waiting would end in a MissingDataError after 1 s here."""
-    import stawm.data
+    import stawm.train.data
     root = gzip_only_mnist_root(mnist_root, tmp_path)
     expected = load_data("mnist", root, download=False).digest()  # unpacks the .gz files
-    monkeypatch.setattr(stawm.data, "DATA_LOCK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(stawm.data, "DATA_LOCK_NOTICE_S", 0.2)
+    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_NOTICE_S", 0.2)
     with dataset_lock("mnist", root):
         started = time.monotonic()
         bundle = load_data("mnist", root)  # download=True
@@ -694,10 +695,10 @@ def test_complete_root_is_read_without_the_lock(mnist_root, tmp_path, monkeypatc
 
 
 def test_lock_wait_is_bounded_and_names_the_lock(tmp_path, monkeypatch, capsys):
-    import stawm.data
+    import stawm.train.data
     raw = write_mnist(tmp_path, *tiny_mnist(), gzipped=True)  # something to unpack: the lock is needed
-    monkeypatch.setattr(stawm.data, "DATA_LOCK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(stawm.data, "DATA_LOCK_NOTICE_S", 0.3)
+    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_NOTICE_S", 0.3)
     lock_file = tmp_path / ".stawm-mnist.lock"
     with dataset_lock("mnist", tmp_path):
         with pytest.raises(MissingDataError) as caught:
@@ -712,9 +713,9 @@ def test_lock_wait_is_bounded_and_names_the_lock(tmp_path, monkeypatch, capsys):
 
 def test_celeba_decoding_waits_for_the_lock(tmp_path, monkeypatch):
     """CelebA's decoding writes its cache: it too waits for the lock, and a later load reads the cache."""
-    import stawm.data
+    import stawm.train.data
     folder = write_celeba(tmp_path)
-    monkeypatch.setattr(stawm.data, "DATA_LOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_TIMEOUT_S", 0.5)
     with dataset_lock("celeba", tmp_path):
         with pytest.raises(MissingDataError, match="stawm-celeba.lock"):
             load_data("celeba", tmp_path, image_size=8, download=False)
@@ -728,7 +729,7 @@ def test_celeba_decoding_waits_for_the_lock(tmp_path, monkeypatch):
 def test_cifar10_archive_in_root_is_unpacked_through_a_staging_folder(tmp_path, monkeypatch):
     """download=True with the archive already in the root: torchvision unpacks it in a staging folder whose
     files are then moved into place (each appears whole); the archive stays, the staging folder goes."""
-    from stawm.data import _CIFAR10WithoutChecksums
+    from stawm.train.data import _CIFAR10WithoutChecksums
     rng = np.random.default_rng(4)
     batches = [rng.integers(0, 256, (2, 3072), dtype=np.uint8) for _ in range(5)]
     test = rng.integers(0, 256, (3, 3072), dtype=np.uint8)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from stawm import PRESETS, STAWM, Output, preset
-from stawm.glimpse import IDENTITY, glimpse, invert_affine
-from stawm.heads import Query, gaussian_kl, relaxed_bernoulli
-from stawm.networks import MobileNetGlimpse, TransposeCNN, context_net, glimpse_conv_net, sketch_side
+from stawm.model.glimpse import IDENTITY, glimpse, invert_affine
+from stawm.model.heads import Query, gaussian_kl, relaxed_bernoulli
+from stawm.model.networks import MobileNetGlimpse, TransposeCNN, context_net, glimpse_conv_net, sketch_side
 
 
 def shrunk(name, authors_code=False):

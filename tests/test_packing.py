@@ -18,10 +18,11 @@ import pytest
 from mlflow import MlflowClient
 from ray import tune
 
-from stawm import gpu_share, runner, schema, tracking, trial
+from stawm import schema
 from stawm.config import Config, preset
-from stawm.data import load_data
-from stawm.engine import train
+from stawm.study import gpu_share, runner, tracking, trial
+from stawm.train import train
+from stawm.train.data import load_data
 
 FIELDS = set(Config.__dataclass_fields__)
 
@@ -54,12 +55,14 @@ def test_seed_space_is_a_seed_grid_or_the_fused_seeds(tmp_path):
 
 class FakeTune:
     """The calls the trainable makes to Tune. Each report's checkpoint is copied into the trial folder,
-    as Tune persists it (checkpoint_000000, ...); a new attempt starts from the last one."""
+    as Tune persists it (checkpoint_000000, ...); a new attempt starts from the last one.
+    fail_at_report: the first attempt dies at that report (after the epoch's MLflow logs), as a crash would."""
 
     Checkpoint = tune.Checkpoint
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, fail_at_report: int = 0):
         self.folder, self.reports, self.latest, self.on_report = folder, [], None, None
+        self.fail_at_report, self.calls = fail_at_report, 0
 
     def get_context(self):
         return SimpleNamespace(get_trial_id=lambda: "f0001", get_trial_name=lambda: "trainable_f0001")
@@ -68,6 +71,9 @@ class FakeTune:
         return self.latest
 
     def report(self, metrics: dict, checkpoint: tune.Checkpoint) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at_report:
+            raise RuntimeError(f"fault injected at report {self.calls}")
         stored = self.folder / f"checkpoint_{len(list(self.folder.glob('checkpoint_*'))):06d}"
         shutil.copytree(checkpoint.path, stored)
         self.latest = tune.Checkpoint.from_directory(str(stored))
@@ -76,12 +82,12 @@ class FakeTune:
             self.on_report(metrics)
 
 
-def diverging_member_1(train_fused):
-    """train_fused with member 1's epoch-1 record turned into a diverged one, and None after it, as
-    train_fused gives for a member that diverged (tests/test_fused.py checks that on a real one)."""
+def diverging_member_1(train):
+    """The loop with member 1's epoch-1 record turned into a diverged one, and None after it, as the
+    loop gives for a member that diverged (tests/test_fused.py checks that on a real one)."""
 
     def wrapped(cfgs, **kw):
-        for records in train_fused(cfgs, **kw):
+        for records in train(cfgs, **kw):
             record = records[1]
             if record["epoch"] == 1:
                 report = {**record["stability"], "ok": False, "diverged": True, "failed": ["finite"]}
@@ -103,11 +109,11 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
     parent = client.create_run(experiment_id, tags={schema.ROLE: schema.ROLE_STUDY, schema.STUDY: "fused"}).info.run_id
     config = {**preset("tiny", epochs=3, max_steps=2).to_flat(), "_study": "fused", "_experiment_id": experiment_id,
               "_parent_run_id": parent, "_tracking_uri": uri, "_device": "cpu", "_fuse_seeds": True,
-              "_seeds": [0, 1], "_fail_once_at_epoch": 2}
-    fake = FakeTune(tmp_path / "trial")
+              "_seeds": [0, 1]}
+    fake = FakeTune(tmp_path / "trial", fail_at_report=2)  # epoch 2: logged to MLflow, then the crash
     fake.folder.mkdir()
     monkeypatch.setattr(trial, "tune", fake)
-    monkeypatch.setattr(trial, "train_fused", diverging_member_1(trial.train_fused))
+    monkeypatch.setattr(trial, "train", diverging_member_1(trial.train))
 
     def runs() -> dict[int, object]:
         found = client.search_runs([experiment_id], schema.tag_filter({schema.ROLE: schema.ROLE_TRIAL}))
@@ -116,7 +122,7 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
     status_at_report = []
     fake.on_report = lambda metrics: status_at_report.append({k: r.info.status for k, r in runs().items()})
 
-    with pytest.raises(RuntimeError, match="fault injected at epoch 2"):  # the first attempt: Tune would retry it
+    with pytest.raises(RuntimeError, match="fault injected at report 2"):  # the first attempt: Tune would retry it
         trial.trainable(config)
     assert {k: r.info.status for k, r in runs().items()} == {0: "FAILED", 1: "FINISHED"}
     trial.trainable(config)  # the retry: from the epoch-1 checkpoint, into the same two runs
@@ -190,7 +196,7 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
         assert report["ok"] and len(report["history"]) == 2
 
         # the member equals its plain run: nothing random in the forward pass (dropout 0, no augmentation)
-        plain = list(train(cfg, data=data))
+        plain = [record for (record,) in train([cfg], data=data)]
         for key in ("test_error", "train_loss"):
             fused = [m.value for m in client.get_metric_history(run_id, key)]
             assert fused == pytest.approx([r[key] for r in plain], abs=1e-4), key
@@ -200,7 +206,7 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
 
 
 def test_device_auto_trains_on_the_cpu_when_the_trial_sees_no_gpu(capsys):
-    from stawm.gpu_share import trial_device
+    from stawm.study.gpu_share import trial_device
 
     assert trial_device({"_device": "auto", "_gpu_fraction": 0.0}) == ("cpu", "cpu")
     assert capsys.readouterr().out == ""  # no GPU asked, nothing to say

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from stawm.preflight import (
+from stawm.study.preflight import (
     PreflightError,
     check_for_cluster,
     check_outside_job_folder,
@@ -257,7 +257,7 @@ def test_server_addressed_by_an_unlisted_name_is_refused(mlflow_server):
 def test_artifacts_are_probed_where_the_runs_write_them_and_the_probe_is_removed(tmp_path):
     from mlflow import MlflowClient
 
-    from stawm.tracking import check_artifacts
+    from stawm.study.tracking import check_artifacts
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     good = client.create_experiment("good", artifact_location=(tmp_path / "artifacts").as_uri())

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from stawm import provenance, tracking
-from stawm.flags import StudyArgs
+from stawm import provenance
+from stawm.study import tracking
+from stawm.study.flags import StudyArgs
 
 REPO = provenance.PROJECT_ROOT
 

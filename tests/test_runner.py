@@ -2,8 +2,8 @@
 
 - a study whose driver is killed mid-way (SIGKILL to its process group) finishes after `--resume`
   with exactly one FINISHED MLflow run per trial, each epoch logged once;
-- a trial that raises once (the test-only `_fail_once_at_epoch` knob) is retried by Tune from its
-  checkpoint and finishes in the same MLflow run;
+- a trial that crashes once (at its second report, epoch 2 already logged) is retried by Tune from its
+  checkpoint and finishes in the same MLflow run, each epoch logged once;
 - a resumed trial picks its newest whole checkpoint, whichever one Tune's saved state names.
 
 One cluster serves the whole module. The storage is a local folder: on one machine every node sees
@@ -25,7 +25,8 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.cluster_utils import Cluster
 
-from stawm import runner, schema
+from stawm import schema
+from stawm.study import runner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,12 +122,32 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
     argv = ["--quick", "--seeds", "1", "--epochs", "3", "--set", "max_steps=3", "--tracking-uri", mlflow_server,
             "--storage", str(tmp_path / "ray"), "--name", "fail-once"]
     args = runner.parse_args("fault injection", preset="tiny", argv=argv)
+
+    def crashes_once(config: dict) -> None:
+        """runner.trainable, whose first attempt dies at its second report: epoch 2 is in MLflow, not in Tune.
+        (Defined here, so that Ray pickles it by value: the workers cannot import this test module.)"""
+        if tune.get_checkpoint() is not None:
+            return runner.trainable(config)
+        report, reports = tune.report, []
+
+        def crashing(*args, **kwargs):
+            reports.append(1)
+            if len(reports) == 2:
+                raise RuntimeError("fault injected at epoch 2")
+            return report(*args, **kwargs)
+
+        tune.report = crashing  # the module the trainable calls; this worker's only, and put back
+        try:
+            runner.trainable(config)
+        finally:
+            tune.report = report
+
     study = runner.start_study(args, swept=[])
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         tuner = tune.Tuner(
-            tune.with_resources(runner.trainable, runner.resources(args)),
-            param_space={**study.base_config, "seed": 0, "_fail_once_at_epoch": 2},
+            tune.with_resources(crashes_once, runner.resources(args)),
+            param_space={**study.base_config, "seed": 0},
             run_config=runner.run_config(args),
         )
         results = tuner.fit()
@@ -150,8 +171,8 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
 def test_resume_takes_the_newest_whole_checkpoint_and_empties_the_others(tmp_path):
     import json
 
-    from stawm.engine import CHECKPOINT
-    from stawm.tune_checkpoints import RUNNER_STATE, restore_newest
+    from stawm.train import CHECKPOINT
+    from stawm.study.tune_checkpoints import RUNNER_STATE, restore_newest
 
     def folder(index: int, epoch: int | None, payload: bytes, claimed: int | None = None) -> Path:
         path = tmp_path / "trial" / f"checkpoint_{index:06d}"

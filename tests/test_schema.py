@@ -3,7 +3,7 @@
 - no module of the runner, the engine, the studies or the analysis spells one of its names by hand
   (a string literal equal to one: found with `ast`, named file:line);
 - renaming a tag in the schema renames what the tracking module writes and what the analysis reads:
-  a trial run written through `stawm.tracking` into a real SQLite store, read back by `load_runs`.
+  a trial run written through `stawm.study.tracking` into a real SQLite store, read back by `load_runs`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from stawm import schema, tracking
+from stawm import schema
+from stawm.study import tracking
 from stawm.config import preset
 
 REPO = Path(__file__).resolve().parents[1]

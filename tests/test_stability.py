@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stawm import HebbRosenblatt, preset
-from stawm.heads import QUERY_BOUND
-from stawm.stability import INFORMATIONAL, StabilityMonitor, bounds, static_check, step_bound_ratio
+from stawm.model.heads import QUERY_BOUND
+from stawm.model.stability import INFORMATIONAL, StabilityMonitor, bounds, static_check, step_bound_ratio
 
 DEFAULT_RATES = {"delta": 0.2, "eta": 0.4, "theta": 0.5}
 
@@ -91,7 +91,8 @@ def test_bound_check_fires_exactly_when_a_hand_built_memory_breaks_it():
 
     def ratio(W):
         max_w, max_readout = W.amax(), memory.project(W, query).amax()
-        return float(step_bound_ratio(memory, max_w, max_readout))
+        return float(step_bound_ratio(memory.delta, memory.eta, max_w, max_readout, bound=memory.bound,
+                                      memory_size=memory.memory_size))
 
     at_bound = torch.full((1, 4, 4), 72.0)
     assert memory.project(at_bound, query).amax() == 1728.0  # 4 * 6 * 72, the read-out bound, reached

@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 
 from stawm import schema
 from stawm.config import Config
-from stawm.data import load_data
+from stawm.train.checkpoints import member_weights
+from stawm.train.data import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = set(Config.__dataclass_fields__)
@@ -133,12 +134,12 @@ def test_runs_read_as_mlflow_users_expect(quick_study):
         weights = Path(child.data.tags[schema.CHECKPOINT])
         assert weights.name == "checkpoint.pt" and weights.is_file()
         state = torch.load(weights, weights_only=True)
-        assert state["epoch"] == 2 and Config.from_flat(state["config"]) == Config.from_flat(params)
+        assert state["epoch"] == 2 and [Config.from_flat(c) for c in state["configs"]] == [Config.from_flat(params)]
     assert len({c.info.run_name for c in children}) == len(children) == 4
 
 
 def test_a_trial_run_killed_before_its_dataset_was_logged_gets_it_once_on_retry(mlflow_server):
-    from stawm import tracking
+    from stawm.study import tracking
 
     client = MlflowClient(mlflow_server)
     experiment = client.create_experiment(f"dataset-once-{os.getpid()}")
@@ -190,15 +191,14 @@ def test_table1_quick_trains_each_selfsup_row_on_its_seeds_drawing_checkpoint(st
     drawing = {c.data.params["seed"]: c for c in by_task["draw"]}
     assert sorted(drawing) == sorted(c.data.params["seed"] for c in by_task["selfsup"]) == ["0", "1"]
 
-    weights = {seed: torch.load(trial_checkpoint(studies.storage, "table1", run), weights_only=True)["model"]
-               for seed, run in drawing.items()}
+    weights = {seed: member_weights(trial_checkpoint(studies.storage, "table1", run)) for seed, run in drawing.items()}
     for run in by_task["selfsup"]:
         seed, pretrained = run.data.params["seed"], Path(run.data.params["pretrained"])
         assert pretrained == trial_checkpoint(studies.storage, "table1", drawing[seed])  # its own seed's drawer
         assert pretrained.is_file() and epochs_logged(client, run) == [1]
         assert schema.TEST_ERROR in run.data.metrics and schema.TEST_RECON_LOSS not in run.data.metrics
         # the frozen drawing model is that checkpoint's: every tensor but the classifier's and the rates unchanged
-        trained = torch.load(trial_checkpoint(studies.storage, "table1-selfsup", run), weights_only=True)["model"]
+        trained = member_weights(trial_checkpoint(studies.storage, "table1-selfsup", run))
         frozen = [k for k in weights[seed] if not k.startswith(("classifier.", "memory."))]
         assert len(frozen) > 20 and all(torch.equal(trained[k], weights[seed][k]) for k in frozen)
         other = weights["1" if seed == "0" else "0"]
@@ -349,7 +349,7 @@ def test_bad_settings_are_one_line_errors_before_ray_starts(tmp_path, capsys, fr
 
 
 def test_a_finished_study_is_not_overwritten_without_resume(tmp_path, capsys):
-    from stawm import runner
+    from stawm.study import runner
 
     argv = ["--quick", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray"),
             "--name", "done"]
@@ -365,7 +365,7 @@ def test_a_finished_study_is_not_overwritten_without_resume(tmp_path, capsys):
 
 
 def test_authors_code_flag_starts_every_configuration_from_the_authors_script(tmp_path):
-    from stawm import runner
+    from stawm.study import runner
 
     argv = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray"),
             "--set", "dataset=mnist-sample", "--preset", "mnist-class-28"]

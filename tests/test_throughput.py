@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from stawm import preset
-from stawm.data import DataBundle, load_data
-from stawm.engine import train
+from stawm.train import train
+from stawm.train.data import DataBundle, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
@@ -28,7 +28,7 @@ def data() -> DataBundle:
 
 
 def records(cfg, **kw):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in train(cfg, **kw)]
+    return [{k: v for k, v in r.items() if k not in TIMING} for (r,) in train([cfg], **kw)]
 
 
 def test_quick_benchmark_runs_every_variant_and_reports_accuracy(tmp_path):
@@ -49,7 +49,7 @@ def test_quick_benchmark_runs_every_variant_and_reports_accuracy(tmp_path):
 
 
 def test_a_packed_trial_reports_each_epoch_with_its_training_window():
-    from stawm.benchmark import packed_trial
+    from stawm.bench.benchmark import packed_trial
 
     cfg = preset("tiny", epochs=2, max_steps=1)
     reports = []
@@ -64,9 +64,9 @@ def test_speed_options_are_off_by_default_and_checked(data):
     cfg = preset("tiny", epochs=1, max_steps=2)
     assert records(cfg, data=data) == records(cfg, data=data, compile="none", precision="fp32")
     with pytest.raises(ValueError, match="compile='fast' is not allowed"):
-        next(train(cfg, data=data, compile="fast"))
+        next(train([cfg], data=data, compile="fast"))
     with pytest.raises(ValueError, match="precision='fp16' is not allowed"):
-        next(train(cfg, data=data, precision="fp16"))
+        next(train([cfg], data=data, precision="fp16"))
 
 
 def test_bf16_autocast_trains_with_the_same_records(data):

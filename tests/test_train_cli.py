@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stawm import schema
-from stawm.train import main
+from stawm.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import Config, conv_sides, padding_per_layer
+from ..config import Config, conv_sides, padding_per_layer
 
 
 def _init(conv: nn.Module, conv_init: str) -> nn.Module:

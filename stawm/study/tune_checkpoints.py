@@ -1,10 +1,9 @@
-"""A trial's checkpoints on Ray Tune's storage: the runner state beside the engine's, resuming from the
+"""A trial's checkpoints on Ray Tune's storage: the runner state beside the loop's, resuming from the
 newest complete one, and emptying the older ones.
 
-Each epoch a trial reports a folder holding the engine's checkpoint (`engine.CHECKPOINT`, or
-`fused.FUSED_CHECKPOINT` for fused seeds) and RUNNER_STATE: the epoch, the checkpoint's size (a copy
-cut short by a kill is told by it) and each member's state (its stability report, best test error,
-whether it stopped).
+Each epoch a trial reports a folder holding the loop's checkpoint (`stawm.train.CHECKPOINT`, all its
+members) and RUNNER_STATE: the epoch, the checkpoint's size (a copy cut short by a kill is told by it)
+and each member's state (its stability report, best test error, whether it stopped).
 
 Tune is told to delete no checkpoint (`runner.run_config`): with num_to_keep=1 it deletes checkpoint
 k-1 as soon as k is registered, while the experiment state on storage still names k-1 until its next
@@ -25,13 +24,11 @@ from pathlib import Path
 import pyarrow.fs
 from ray import tune
 
-from . import schema
-from .config import Config
-from .engine import CHECKPOINT
-from .fused import FUSED_CHECKPOINT
+from ..config import Config
+from ..train import CHECKPOINT
 
 URI_SCHEMES = {"gcs": "gs"}  # pyarrow filesystem type -> URI scheme, where they differ (s3 is s3)
-RUNNER_STATE = "runner_state.json"  # beside the engine's checkpoint.pt: epoch, its size, best_test_error, the report
+RUNNER_STATE = "runner_state.json"  # beside the loop's checkpoint.pt: epoch, its size, best_test_error, the report
 
 
 def checkpoint_uri(checkpoint: tune.Checkpoint, filename: str) -> str:
@@ -43,10 +40,9 @@ def checkpoint_uri(checkpoint: tune.Checkpoint, filename: str) -> str:
     return f"{URI_SCHEMES.get(kind, kind)}://{path}"
 
 
-def save_state(workdir: Path, epoch: int, members: list[dict], checkpoint: str) -> None:
+def save_state(workdir: Path, epoch: int, members: list[dict]) -> None:
     """The runner state beside the epoch's checkpoint: its size (to tell a whole copy) and each member's state."""
-    state = {"epoch": epoch, "checkpoint": checkpoint, "checkpoint_bytes": (workdir / checkpoint).stat().st_size,
-             "members": members}
+    state = {"epoch": epoch, "checkpoint_bytes": (workdir / CHECKPOINT).stat().st_size, "members": members}
     (workdir / RUNNER_STATE).write_text(json.dumps(state))
 
 
@@ -54,13 +50,6 @@ def read_state(folder: Path) -> dict:
     """The runner state in a checkpoint folder ({} if it has none)."""
     path = folder / RUNNER_STATE
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def member_states(state: dict) -> list[dict]:
-    """Each member's state in a runner state (one written before fused trials holds one member, flat)."""
-    if "members" in state:
-        return state["members"]
-    return [{k: state[k] for k in ("stability", schema.BEST_TEST_ERROR) if k in state}]
 
 
 def restore_newest(checkpoint: tune.Checkpoint, workdir: Path) -> tuple[tune.Checkpoint, dict]:
@@ -86,7 +75,7 @@ def _complete_state(fs, path: str) -> dict | None:
     try:
         with fs.open_input_stream(f"{path}/{RUNNER_STATE}") as stream:
             state = json.loads(stream.read())
-        size = fs.get_file_info(f"{path}/{state.get('checkpoint', CHECKPOINT)}").size
+        size = fs.get_file_info(f"{path}/{CHECKPOINT}").size
     except (OSError, ValueError):
         return None
     return state if size is not None and size == state.get("checkpoint_bytes") else None
@@ -101,7 +90,7 @@ def keep_only(latest: tune.Checkpoint, previous: tune.Checkpoint | None) -> tune
 
 def drop_payload(fs, path: str) -> None:
     """Empty an older checkpoint folder, keeping the folder: Tune's saved state may still name it."""
-    for name in (RUNNER_STATE, CHECKPOINT, FUSED_CHECKPOINT):
+    for name in (RUNNER_STATE, CHECKPOINT):
         try:
             fs.delete_file(f"{path}/{name}")
         except FileNotFoundError:

@@ -1,9 +1,9 @@
 """One Ray Tune trial (`trainable`): train its members, mirror each epoch into their MLflow runs and a Tune report.
 
-A trial's config is the flat Config plus runner keys, all starting with "_" (RUNNER_KEYS). A plain
-trial has one member, trained by `engine.train`. A trial whose config lists `_seeds` (--fuse-seeds,
-`flags.seed_space`) has one member per seed, trained as one fused model by `fused.train_fused`: each
-member keeps its own MLflow run, seed and stability report, and Tune sees their mean.
+A trial's config is the flat Config plus runner keys, all starting with "_" (RUNNER_KEYS). A trial
+trains one member per seed (`member_seeds`): one, or with `_seeds` (--fuse-seeds, `flags.seed_space`)
+several, which the loop (`stawm.train.train`) trains as one fused model. Each member keeps its own MLflow
+run, seed and stability report; Tune sees their mean (`tune_report`).
 
 Studies pass `reuse_actors=True`: one worker process runs trial after trial (torch, the data and
 MLflow load once per process, which is most of a small trial's time); on CPU, `peak_memory_mb`
@@ -15,23 +15,22 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from mlflow import MlflowClient
 import ray
 from ray import tune
 
-from . import schema, tracking
-from .bookkeeping import load_training_data
-from .config import Config
-from .data import DataBundle
-from .engine import CHECKPOINT, train
-from .fused import FUSED_CHECKPOINT, train_fused
+from .. import schema
+from ..config import Config
+from ..model.stability import StabilityMonitor
+from ..train import CHECKPOINT, train
+from ..train.data import load_training_data
+from . import tracking
 from .gpu_share import trial_device
-from .stability import StabilityMonitor
-from .tune_checkpoints import checkpoint_uri, keep_only, local_pretrained, member_states, restore_newest, save_state
+from .tune_checkpoints import checkpoint_uri, keep_only, local_pretrained, restore_newest, save_state
 
 RUNNER_KEYS = {
     "_study": "the study's name (MLflow experiment)",
@@ -47,10 +46,21 @@ RUNNER_KEYS = {
     "_gpu_fraction": "share of a GPU per trial; below 1 the trial caps its CUDA memory to it",
     "_gpu_overhead_mb": "CUDA memory a trial's process holds outside torch's allocator (probed); off its cap",
     "_fuse_seeds": "--fuse-seeds was given: a trial without `_seeds` is an error (the study cannot fuse)",
-    "_seeds": "the seeds one trial trains fused (stawm.fused), one member and MLflow run each",
+    "_seeds": "the seeds one trial trains fused (K members of one loop), one member and MLflow run each",
     "_variant": "dict of config fields set on top of the rest (explicit lists of configurations)",
-    "_fail_once_at_epoch": "FAULT INJECTION FOR TESTS ONLY: raise at this epoch (>= 2) on a trial's first attempt",
 }
+
+
+@dataclass
+class Member:
+    """One member of a trial: its Config, its MLflow run, and what the trial keeps of it between epochs."""
+
+    cfg: Config
+    run_id: str
+    resumed: bool  # the run existed: a retried or restored trial goes on in it
+    state: dict  # the runner state: its stability report, best test error, whether it stopped (checkpointed)
+    logged: int = 0  # the last epoch its run holds (a retry killed between a log and its report has one more)
+    open: bool = True  # its run is RUNNING
 
 
 def trainable(config: dict) -> None:
@@ -63,69 +73,86 @@ def trainable(config: dict) -> None:
     if config.get("_fuse_seeds") and "_seeds" not in config:
         raise ValueError("--fuse-seeds: this study's search space has no `_seeds`; only studies that take "
                          "their seed axis from runner.seed_space(args) can fuse seeds")
-    fused = "_seeds" in config
     cfgs = member_configs(config)
     context = tune.get_context()
     client = MlflowClient(config["_tracking_uri"])
     device, gpu = trial_device(config)
     placement = {schema.NODE: _ray_node(), schema.DEVICE: device, schema.GPU: gpu}
-    runs = [tracking.open_trial_run(client, config, cfg, context.get_trial_id(), context.get_trial_name(), placement,
-                                    member=k if fused else None) for k, cfg in enumerate(cfgs)]  # (id, resumed)
+    members = [Member(cfg, *tracking.open_trial_run(client, config, cfg, context.get_trial_id(),
+                                                    context.get_trial_name(), placement,
+                                                    member=k if len(cfgs) > 1 else None),
+                      state={"stability": StabilityMonitor(cfg).report()})  # before any epoch: the static check
+               for k, cfg in enumerate(cfgs)]
     checkpoint = tune.get_checkpoint()  # None on a trial's first attempt
-    fail_at = config.get("_fail_once_at_epoch", 0) if checkpoint is None else 0
     for stale in Path(tempfile.gettempdir()).glob(f"stawm-{context.get_trial_id()}-*"):  # a killed attempt's
         shutil.rmtree(stale, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"stawm-{context.get_trial_id()}-"))
-    members = [{"stability": StabilityMonitor(cfg).report()} for cfg in cfgs]  # before any epoch: the static check
-    epoch, open_runs = 0, {k: run_id for k, (run_id, _) in enumerate(runs)}  # member -> its run, until closed
+    epoch = 0
     try:
         if checkpoint is not None:
-            checkpoint, state = restore_newest(checkpoint, workdir)
-            epoch, members = state["epoch"], member_states(state)
-        _close_stopped(client, open_runs, members)  # stopped before the restart: their runs stay closed
-        logged = [tracking.last_logged_epoch(client, run_id) if resumed else 0  # killed between a log and its report
-                  for run_id, resumed in runs]
+            checkpoint, saved = restore_newest(checkpoint, workdir)
+            epoch = saved["epoch"]
+            for member, state in zip(members, saved["members"]):
+                member.state = state
+        _close_stopped(client, members)  # stopped before the restart: their runs stay closed
+        for member in members:
+            member.logged = tracking.last_logged_epoch(client, member.run_id) if member.resumed else 0
         epochs = []
-        if open_runs:
+        if any(member.open for member in members):
             data = load_training_data(cfgs[0], config.get("_data_root") or None, torch.device(device))
-            for run_id, _ in runs:
-                tracking.ensure_dataset(client, run_id, data)
-            epochs = _member_epochs(cfgs, fused, device, data, workdir, resume=checkpoint is not None)
+            for member in members:
+                tracking.ensure_dataset(client, member.run_id, data)
+            epochs = train([local_pretrained(cfg) for cfg in cfgs], device=device, data=data, checkpoint_dir=workdir,
+                           resume=checkpoint is not None)
         for records in epochs:
             epoch = next(record["epoch"] for record in records if record is not None)
-            if epoch == fail_at:
-                raise RuntimeError(f"fault injected at epoch {fail_at} (_fail_once_at_epoch, a test-only knob)")
-            results = []  # what Tune would see of each member alone
-            for k, record in enumerate(records):
-                if record is None:  # fused and stopped in an earlier epoch: it diverged
-                    results.append(tune_metrics({}, {"stability": members[k]["stability"], "diverged": True}, cfgs[k]))
-                    continue
-                metrics, members[k] = member_epoch(record, members[k])
-                if epoch > logged[k]:
-                    tracking.log_epoch(client, open_runs[k], epoch, metrics, record["stability"])
-                results.append(tune_metrics(metrics, record, cfgs[k]))
-            save_state(workdir, epoch, members, FUSED_CHECKPOINT if fused else CHECKPOINT)
-            tune.report(fused_tune_metrics(results, config["_seeds"]) if fused else results[0],
+            results = [_epoch(client, member, record, epoch) for member, record in zip(members, records)]
+            save_state(workdir, epoch, [member.state for member in members])
+            tune.report(tune_report(results, [cfg.seed for cfg in cfgs]),
                         checkpoint=tune.Checkpoint.from_directory(workdir))
             checkpoint = keep_only(tune.get_checkpoint(), checkpoint)  # report returns once it is stored
-            uri = checkpoint_uri(checkpoint, FUSED_CHECKPOINT if fused else CHECKPOINT)
-            for run_id in open_runs.values():
-                tracking.set_checkpoint(client, run_id, uri)
-            _close_stopped(client, open_runs, members)  # a diverged member: closed, flagged; the rest go on
+            uri = checkpoint_uri(checkpoint, CHECKPOINT)
+            for member in members:
+                if member.open:
+                    tracking.set_checkpoint(client, member.run_id, uri)
+            _close_stopped(client, members)  # a diverged member: closed, flagged; the rest go on
     except SystemExit:  # Tune stopped the trial inside tune.report (a scheduler's decision): not a failure
         shutil.rmtree(workdir, ignore_errors=True)  # first: Tune may end this process any moment now
-        for k, run_id in open_runs.items():
-            tracking.close_run(client, run_id, members[k]["stability"], "FINISHED",
-                               stopped_early=epoch < cfgs[k].epochs)
+        for member in members:
+            _close(client, member, "FINISHED", stopped_early=epoch < member.cfg.epochs)
         raise
     except BaseException:
-        for k, run_id in open_runs.items():
-            tracking.close_run(client, run_id, members[k]["stability"], "FAILED")
+        for member in members:
+            _close(client, member, "FAILED")
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    for k, run_id in open_runs.items():
-        tracking.close_run(client, run_id, members[k]["stability"], "FINISHED")
+    for member in members:
+        _close(client, member, "FINISHED")
+
+
+def _epoch(client: MlflowClient, member: Member, record: dict | None, epoch: int) -> dict:
+    """A member's epoch into its MLflow run (once) and its state; returns what Tune would see of it alone."""
+    if record is None:  # stopped in an earlier epoch: it diverged
+        return tune_metrics({}, {"stability": member.state["stability"], "diverged": True}, member.cfg)
+    metrics, member.state = member_epoch(record, member.state)
+    if epoch > member.logged:
+        tracking.log_epoch(client, member.run_id, epoch, metrics, record["stability"])
+    return tune_metrics(metrics, record, member.cfg)
+
+
+def _close(client: MlflowClient, member: Member, status: str, **kwargs) -> None:
+    """End the member's run if it is still open, its verdict in the tags."""
+    if member.open:
+        tracking.close_run(client, member.run_id, member.state["stability"], status, **kwargs)
+        member.open = False
+
+
+def _close_stopped(client: MlflowClient, members: list[Member]) -> None:
+    """Close the runs of members that stopped (diverged): FINISHED, their verdict in the tags."""
+    for member in members:
+        if member.state.get("stopped"):
+            _close(client, member, "FINISHED")
 
 
 def _ray_node() -> str:
@@ -135,29 +162,28 @@ def _ray_node() -> str:
 
 
 def trial_config(config: dict) -> Config:
-    """The Config of a trial: the flat fields, its `_variant` on top, the Repeater's index as the seed."""
+    """The Config of a trial: the flat fields with its `_variant` on top, and its (first) member's seed."""
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
     flat.update(config.get("_variant", {}))
-    if "__trial_index__" in config:  # ray.tune.search.Repeater(set_index=True): the repeat index is the seed
-        flat["seed"] = config["__trial_index__"]
-    return Config.from_flat(flat)
+    return Config.from_flat({**flat, "seed": member_seeds(config)[0]})
+
+
+def member_seeds(config: dict) -> list[int]:
+    """The seeds a trial trains, one member each: the one place a trial's seed is worked out.
+
+    `_seeds` (fused seeds), else the Repeater's index (ray.tune.search.Repeater(set_index=True): the repeat
+    index is the seed), else a `_variant`'s seed, else the config's (a `seed` grid value, or the preset's)."""
+    if "_seeds" in config:
+        return list(config["_seeds"])
+    if "__trial_index__" in config:
+        return [config["__trial_index__"]]
+    return [config.get("_variant", {}).get("seed", config.get("seed", 0))]
 
 
 def member_configs(config: dict) -> list[Config]:
-    """The Configs a trial trains: its one, or with `_seeds` the same config once per seed."""
+    """The Configs a trial trains, one per member seed."""
     cfg = trial_config(config)
-    return [cfg.replace(seed=seed) for seed in config["_seeds"]] if "_seeds" in config else [cfg]
-
-
-def _member_epochs(cfgs: list[Config], fused: bool, device: str, data: DataBundle, workdir: Path,
-                   resume: bool) -> Iterator[list[dict | None]]:
-    """Per epoch, one record per member: train_fused's list, or engine.train's record as a list of one."""
-    cfgs = [local_pretrained(cfg) for cfg in cfgs]
-    if fused:
-        yield from train_fused(cfgs, device=device, data=data, checkpoint_dir=workdir, resume=resume)
-    else:
-        yield from ([record] for record in train(cfgs[0], device=device, data=data, checkpoint_dir=workdir,
-                                                  resume=resume))
+    return [cfg.replace(seed=seed) for seed in member_seeds(config)]
 
 
 def member_epoch(record: dict, member: dict) -> tuple[dict, dict]:
@@ -171,12 +197,6 @@ def member_epoch(record: dict, member: dict) -> tuple[dict, dict]:
     member = {"stability": record["stability"], "stopped": record["diverged"],
               **{k: metrics[k] for k in (schema.BEST_TEST_ERROR,) if k in metrics}}
     return metrics, member
-
-
-def _close_stopped(client: MlflowClient, open_runs: dict[int, str], members: list[dict]) -> None:
-    """Close the runs of members that stopped (diverged): FINISHED, their verdict in the tags."""
-    for k in [k for k in open_runs if members[k].get("stopped")]:
-        tracking.close_run(client, open_runs.pop(k), members[k]["stability"], "FINISHED")
 
 
 def tune_metrics(metrics: dict, record: dict, cfg: Config) -> dict:
@@ -194,18 +214,18 @@ def tune_metrics(metrics: dict, record: dict, cfg: Config) -> dict:
     return result
 
 
-def fused_tune_metrics(results: list[dict], seeds: list[int]) -> dict:
-    """What Tune sees of a trial of fused seeds, from what each member alone would report (`tune_metrics`).
+def tune_report(results: list[dict], seeds: list[int]) -> dict:
+    """What Tune sees of a trial, from what each member alone would report (`tune_metrics`).
 
-    Each number every member has, averaged over the members, and each error metric per seed beside it
-    (`test_error_seed3`). A member that stopped counts as diverged (error 1), as its own trial would:
+    Each number every member has, averaged over the members, and with several members each error metric
+    per seed beside it (`test_error_seed3`). A member that stopped counts as diverged (error 1), as its own trial would:
     averaged over the live members only, a configuration would look better as its seeds diverge. The
     verdict holds for all: stable only if every member is, diverged once every member has.
     """
     numbers = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                and all(k in r for r in results)]
     report = {k: sum(r[k] for r in results) / len(results) for k in numbers}
-    for key in (k for k in schema.ERROR_METRICS if k in report):
+    for key in (k for k in schema.ERROR_METRICS if k in report and len(results) > 1):
         report.update({f"{key}_seed{seed}": r[key] for seed, r in zip(seeds, results)})
     flags = sorted({flag for r in results for flag in r["stability_flags"].split(",") if flag})
     return {**report, "stability_ok": all(r["stability_ok"] for r in results), "stability_flags": ",".join(flags),

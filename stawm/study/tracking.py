@@ -25,12 +25,12 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from . import schema
-from .config import Config
-from .data import DataBundle
+from .. import schema
+from ..config import Config
+from ..model.stability import StabilityMonitor
+from ..provenance import PROJECT_ROOT, command_line, redact
+from ..train.data import DataBundle
 from .preflight import PreflightError
-from .provenance import PROJECT_ROOT, command_line, redact
-from .stability import StabilityMonitor
 
 NOT_PARAMS = ("changes", "config", "extra", "set", "resume", "gpu_choice")  # StudyArgs fields the parent omits
 

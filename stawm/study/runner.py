@@ -11,15 +11,16 @@ A study (studies/*.py) reads top to bottom:
              **runner.seed_space(args)}                            # a seed grid, or with --fuse-seeds `_seeds`
     trainable = tune.with_resources(runner.trainable, runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(        # --resume continues a saved study
-        trainable, param_space=space, tune_config=tune.TuneConfig(...), run_config=runner.run_config(args))
+        trainable, param_space=space, tune_config=runner.tune_config(args), run_config=runner.run_config(args))
     return runner.finish_study(study, tuner.fit())                 # one line per trial, where to look
 
 Each job has its module, and this one gathers what a study needs of them (`__all__`):
-- `stawm.flags`: the shared flags and their validation, grids, variants and the seed axis;
-- `stawm.tracking`: the MLflow experiment, parent and child runs, in `stawm.schema`'s names;
-- `stawm.trial`: the trainable, one Tune trial (its config = flat Config + RUNNER_KEYS);
-- `stawm.tune_checkpoints`: the trial's checkpoints on Tune's storage, resume from the newest;
-- `stawm.gpu_share`: --gpus-per-trial auto and the per-trial CUDA memory cap.
+- `flags`: the shared flags and their validation, grids, variants and the seed axis;
+- `tracking`: the MLflow experiment, parent and child runs, in `stawm.schema`'s names;
+- `trial`: the trainable, one Tune trial (its config = flat Config + RUNNER_KEYS);
+- `tune_checkpoints`: the trial's checkpoints on Tune's storage, resume from the newest;
+- `gpu_share`: --gpus-per-trial auto and the per-trial CUDA memory cap;
+- `preflight`, `cluster`: what is checked before Ray starts, and the Ray cluster's shape.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from . import cluster, gpu_share, preflight, provenance, schema, tracking
-from .engine import CHECKPOINT
+from .. import provenance, schema
+from ..train import CHECKPOINT
+from . import cluster, gpu_share, preflight, tracking
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, positive_int, seed_space, seeds, variant
-from .trial import RUNNER_KEYS, trainable, trial_config
-from .tune_checkpoints import checkpoint_uri, member_states, read_state
+from .trial import RUNNER_KEYS, member_seeds, trainable, trial_config
+from .tune_checkpoints import checkpoint_uri, read_state
 
 __all__ = ["RUNNER_KEYS", "Study", "StudyArgs", "best_configs", "check_grid", "checkpoint_file", "finish_study",
            "parse_args", "positive_int", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
-           "trainable", "variant"]
+           "trainable", "tune_config", "variant"]
 
 
 @dataclass
@@ -102,6 +104,13 @@ def resources(args: StudyArgs) -> dict[str, float]:
     return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
 
 
+def tune_config(args: StudyArgs, **options) -> tune.TuneConfig:
+    """The study's TuneConfig: at most --max-concurrent trials at once (0: as many as fit), one worker process
+    running trial after trial (`stawm.study.trial`: torch, the data and MLflow load once per process);
+    `options` are TuneConfig's own (metric, mode, search_alg, num_samples...)."""
+    return tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None, reuse_actors=True, **options)
+
+
 def run_config(args: StudyArgs, name: str | None = None) -> tune.RunConfig:
     """A failed trial is retried twice from its last checkpoint.
 
@@ -130,7 +139,7 @@ def restored(args: StudyArgs, trainable, *, name: str | None = None) -> tune.Tun
 
 
 def checkpoint_file(checkpoint: tune.Checkpoint) -> str:
-    """The engine's checkpoint.pt inside a Tune checkpoint, as a path or URI a trial on any node can read."""
+    """The loop's checkpoint.pt inside a Tune checkpoint, as a path or URI a trial on any node can read."""
     return checkpoint_uri(checkpoint, CHECKPOINT)
 
 
@@ -205,16 +214,14 @@ def _close_left_running(client: MlflowClient, study: Study, trial_id: str, resul
             state = read_state(Path(folder))
     stopped_early = result.error is None and state.get("epoch", 0) < trial_config(result.config).epochs
     tracking.close_left_running(client, study.experiment_id, study.parent_run_id, trial_id,
-                                member_states(state) if state else [], failed=result.error is not None,
+                                state.get("members", []), failed=result.error is not None,
                                 stopped_early=stopped_early)
 
 
 def _summary_line(result, swept: list[str], trial_id: str) -> str:
-    config = {**result.config, **result.config.get("_variant", {})}
-    if "__trial_index__" in result.config:
-        config["seed"] = result.config["__trial_index__"]
-    if "_seeds" in config:  # fused seeds: Tune's numbers are their means (`trial.fused_tune_metrics`)
-        config["seed"] = ",".join(map(str, config["_seeds"]))
+    # with several seeds (fused), Tune's numbers are their means (`trial.tune_report`)
+    config = {**result.config, **result.config.get("_variant", {}),
+              "seed": ",".join(map(str, member_seeds(result.config)))}
     shown = tracking.run_name(config, swept)
     if result.error is not None:
         return f"{trial_id}  {shown}  ERROR: {str(result.error).strip().splitlines()[-1]}"

@@ -18,9 +18,8 @@ import ray
 import torch
 
 from .cluster import ClusterShape
-from .config import Config
-from .engine import train
-from .fused import train_fused
+from ..config import Config
+from ..train import train
 from .preflight import PreflightError
 
 GPU_SAFETY = 1.25  # on the probe's peak: a few steps of the base config, not a whole epoch of every trial
@@ -77,7 +76,7 @@ def _probe_choice(args, seeds: list[int], cluster: ClusterShape) -> tuple[dict, 
               f" worker: minutes on a cloud, at most {PROBE_WAIT_S // 60} minutes here)", flush=True)
     configs = probe_configs(args.config, seeds if args.fuse_seeds else None)
     try:
-        probe = ray.get(_probe.remote(configs, args.data_root, fused=args.fuse_seeds), timeout=PROBE_WAIT_S)
+        probe = ray.get(_probe.remote(configs, args.data_root), timeout=PROBE_WAIT_S)
     except ray.exceptions.GetTimeoutError:
         raise PreflightError(f"--gpus-per-trial auto: no GPU came up for the probe within {PROBE_WAIT_S} s"
                              f" ({cluster.describe()}); see `ray status` and the autoscaler's log") from None
@@ -103,8 +102,8 @@ def probe_configs(config: dict, seeds: list[int] | None) -> list[dict]:
 
 
 @ray.remote(num_gpus=1, max_calls=1)  # a GPU of its own; max_calls=1: the process exits and frees it
-def _probe(flat_cfgs: list[dict], data_root: str, fused: bool) -> dict:
-    """Train the configs (fused, or the one plain) for one capped epoch on a GPU; the CUDA memory that took.
+def _probe(flat_cfgs: list[dict], data_root: str) -> dict:
+    """Train the configs (a trial's members) for one capped epoch on a GPU; the CUDA memory that took.
 
     Any failure comes back as {"error": one line} with the node, rather than a traceback from inside Ray.
     Its measuring part is untested here: the machines the tests run on have no GPU (BENCHMARKS.md)."""
@@ -118,9 +117,7 @@ def _probe(flat_cfgs: list[dict], data_root: str, fused: bool) -> dict:
     try:
         cfgs = [Config.from_flat(flat) for flat in flat_cfgs]
         torch.cuda.reset_peak_memory_stats(0)
-        epochs = train_fused(cfgs, device="cuda", data_root=data_root or None) if fused else \
-            train(cfgs[0], device="cuda", data_root=data_root or None)
-        for _ in epochs:
+        for _ in train(cfgs, device="cuda", data_root=data_root or None):
             pass
     except Exception as err:  # a CUDA or data error on that node: its message, not Ray's wrapped traceback
         return {"node": node, "where": where, "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}

@@ -9,47 +9,39 @@ model runs once under `vmap` over that axis (`functional_call` on a weightless c
 updates the whole stack: every kernel is K times larger and is launched once.
 
 Each member is the plain run it stands for:
-- built after `seed_everything(seed)` exactly as `engine.train` builds it (same initial weights), with
-  its own data generator (order, augmentation);
+- built after `seed_everything(seed)` exactly as its plain run (`step.OneModel`) builds it (same initial
+  weights), with its own data generator (order, augmentation);
 - its own BatchNorm running statistics: stacked buffers, updated in place under vmap (functorch's
   batch-norm caveat is about unbatched running stats; these are batched, and tests/test_fused.py
   checks them against plain runs);
 - Adam and clipping by value are elementwise, so one over the stack is K independent ones; the
   learning rate, schedule and clip bound are per member; clipping by norm takes each member's norm;
-- its own StabilityMonitor and its own per-epoch record, made by the same `bookkeeping.epoch_record` as
-  `engine.train`'s, so the keys are the same by construction.
+- its own StabilityMonitor and its own per-epoch record: the loop (`stawm.train.loop`) makes both, as
+  for a plain run.
 With dropout 0 and no drawing noise a member's numbers equal its plain run up to float rounding.
 Dropout masks and drawing noise come from one global stream (vmap randomness="different", seeded with
 member 0's seed): independent across members, but not the masks the member's plain run draws.
 
 A member that diverges (non-finite loss, gradients or W) is frozen at the step it happened: its
 parameters, Adam moments and step count stop changing, its loss is masked out of the backward pass,
-and its epoch record says diverged=True; later epochs yield None in its place, and keep its BatchNorm
-statistics too. It still occupies its slot of the stack (shapes stay static), so it still costs compute.
+and its epoch record says diverged=True; later epochs, where the loop yields None in its place, keep its
+BatchNorm statistics too. It still occupies its slot of the stack (shapes stay static), so it still costs compute.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from .bookkeeping import (CheckpointError, EpochClock, EpochStats, check_resume_identity, checkpoint_path,
-                          epoch_record, evaluation_record, load_training_data, monitor_state, read_checkpoint,
-                          restore_monitor, rng_state, save_checkpoint, set_rng_state, steps_per_epoch)
-from .config import Config
-from .data import DataBundle, iterate_batches, prepare_batch
-from .engine import build, check_speed_options, lr_factor, new_step, seed_everything, to_fp32, to_model_input
-from .stability import StabilityMonitor, step_bound_ratio
-
-FUSED_CHECKPOINT = "fused-checkpoint.pt"
-FORMAT = "stawm-fused-1"
+from ..config import Config
+from ..model.stability import step_bound_ratio
+from .data import DataBundle, iterate_batches, prepare_batch, to_model_input
+from .step import EpochStats, build_model, check_speed_options, new_step, seed_everything, to_fp32
 
 # What may differ between members, and why each can:
 FUSIBLE_FIELDS = (
@@ -184,7 +176,8 @@ class StackedAdam:
 
 
 class FusedStack:
-    """Stacked parameters and buffers of K members, the vmapped step and evaluation, and the optimiser."""
+    """K members as one model (`stawm.train.step`'s interface): stacked parameters and buffers, the vmapped
+    step and evaluation, one StackedAdam, and which members are still alive (on the device)."""
 
     def __init__(self, cfgs: list[Config], device: torch.device, compile: str = "none", precision: str = "fp32"):
         check_fusible(cfgs)
@@ -192,9 +185,9 @@ class FusedStack:
         _register_vmap_rules()
         self.cfgs, self.cfg, self.K, self.device = cfgs, cfgs[0], len(cfgs), device
         models, self.generators = [], []
-        for cfg in cfgs:  # each member exactly as engine.train makes it: seed, then build
+        for cfg in cfgs:  # each member exactly as its plain run makes it: seed, then build
             self.generators.append(seed_everything(cfg.seed, device))
-            models.append(build(cfg, device)[0].train())
+            models.append(build_model(cfg, device))
         seed_everything(cfgs[0].seed, device)  # the one global stream for dropout and drawing noise
         self.params, self.buffers = stack_module_state(models)  # name -> (K, ...)
         self.trainable = [p for p in self.params.values() if p.requires_grad]
@@ -204,6 +197,9 @@ class FusedStack:
         self.classifies, self.draws = models[0].classifies, models[0].draws
         self.optimizer = StackedAdam(self.trainable)
         self.clip = torch.tensor([c.grad_clip for c in cfgs], device=device)[:, None]  # (K, 1)
+        self.alive = torch.ones(self.K, dtype=torch.bool, device=device)  # (K,) cleared by the step, no host sync
+        self.lr = torch.full((self.K,), cfgs[0].lr, dtype=torch.float64, device=device)  # (K,) set per epoch
+        self.freeze_buffers = False
         if compile != "none":  # the stack is the model's state, not per-call input: CUDA graphs may keep its
             for t in [*self.params.values(), *self.buffers.values()]:  # addresses and update BatchNorm in place
                 torch._dynamo.mark_static_address(t)
@@ -221,11 +217,9 @@ class FusedStack:
             out = functional_call(self.base, (params, buffers), (x,))
         return to_fp32(out) if self.bf16 else out
 
-    def _rates(self, params: dict, buffers: dict):
-        tensors = {**buffers, **params}
-        return SimpleNamespace(delta=tensors["memory.delta"], eta=tensors["memory.eta"],
-                               theta=tensors["memory.theta"], bound=self.base.memory.bound,
-                               memory_size=self.base.memory.memory_size)
+    def _rate(self, name: str, params: dict, buffers: dict) -> torch.Tensor:
+        """A memory rate: a parameter when rates learn, else a buffer."""
+        return params.get(f"memory.{name}", buffers.get(f"memory.{name}"))
 
     def _member_step(self, params, buffers, x, target, labels):
         """One member's forward pass and loss, under vmap; returns (loss, statistics), all tensors."""
@@ -236,7 +230,9 @@ class FusedStack:
             "correct": parts.get("correct", zero).to(zero.dtype), "recon": parts.get("recon_loss", zero),
             "kl": parts.get("kl", zero), "max_w": out.max_w, "max_readout": out.max_readout,
             "w_finite": out.memory.detach().isfinite().all(),
-            "bound_ratio": step_bound_ratio(self._rates(params, buffers), out.max_w, out.max_readout),
+            "bound_ratio": step_bound_ratio(self._rate("delta", params, buffers), self._rate("eta", params, buffers),
+                                            out.max_w, out.max_readout, bound=self.base.memory.bound,
+                                            memory_size=self.base.memory.memory_size),
         }
 
     def _member_eval(self, params, buffers, x, x01, labels):
@@ -246,14 +242,19 @@ class FusedStack:
         recon = ((out.canvas - x01) ** 2).sum() if out.canvas is not None else zero
         return errors, recon
 
-    def train_step(self, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                   alive: torch.Tensor, stats: EpochStats, freeze_buffers: bool = False) -> None:
-        """One step of every member; x (K, B, C, H, H), labels (K, B), lr (K,), alive (K,) updated in place.
+    def begin_epoch(self, lrs: list[float], stopped: list[bool]) -> None:
+        """Each member's learning rate for the epoch; once one has stopped, the steps also keep the BatchNorm
+        statistics of members that are not alive (their forward pass still runs and would update them;
+        it costs a copy of the buffers, so not before)."""
+        self.lr = torch.tensor(lrs, dtype=torch.float64, device=self.device)
+        self.freeze_buffers = any(stopped)
+
+    def step(self, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, stats: EpochStats) -> None:
+        """One step of every member; x (K, B, C, H, H), labels (K, B).
 
         No host sync: a member's divergence only clears its `alive` entry on the device.
-        freeze_buffers: also keep the BatchNorm statistics of members that are not alive (their forward
-        pass still runs and would update them); costs a copy of the buffers, so only once one has stopped.
         """
+        alive, freeze_buffers = self.alive, self.freeze_buffers
         if freeze_buffers:
             dead = ~alive
             saved = {name: self.buffers[name].clone() for name in self.statistics}
@@ -270,26 +271,17 @@ class FusedStack:
             grad = grad * (self.clip[:, 0] / (norms + 1e-6)).clamp(max=1.0)[:, None]
         loss = losses.detach()
         alive &= loss.isfinite() & grads_finite & aux["w_finite"]
-        self.optimizer.step(grad, lr, alive)
+        self.optimizer.step(grad, self.lr, alive)
         if freeze_buffers:  # after the backward pass, which may still read the buffers it saw
             with torch.no_grad():
                 for name, old in saved.items():
                     b = self.buffers[name]
                     b.copy_(torch.where(dead.view(-1, *[1] * (b.dim() - 1)), old, b))
-        stats.loss += loss
-        stats.loss_finite &= loss.isfinite()
-        stats.grads_finite &= grads_finite
-        stats.w_finite &= aux["w_finite"]
-        stats.correct += aux["correct"]
-        stats.recon += aux["recon"]
-        stats.kl += aux["kl"]
-        stats.max_w = torch.maximum(stats.max_w, aux["max_w"])
-        stats.max_readout = torch.maximum(stats.max_readout, aux["max_readout"])
-        stats.bound_ratio = torch.maximum(stats.bound_ratio, aux["bound_ratio"])
+        stats.fold(loss=loss, loss_finite=loss.isfinite(), grads_finite=grads_finite, **aux)
 
     @torch.no_grad()
     def evaluate(self, split, data: DataBundle) -> list[dict[str, float]]:
-        """engine.evaluate for every member at once: the same batches, each member's own weights."""
+        """OneModel.evaluate for every member at once: the same batches, each member's own weights."""
         cfg = self.cfg
         self.base.eval()
         errors = torch.zeros(self.K, device=self.device)
@@ -310,126 +302,16 @@ class FusedStack:
         return results
 
     def rates(self, k: int) -> dict[str, float]:
-        r = self._rates(self.params, self.buffers)
-        return {name: float(getattr(r, name)[k].detach()) for name in ("delta", "eta", "theta")}
+        return {name: float(self._rate(name, self.params, self.buffers)[k].detach())
+                for name in ("delta", "eta", "theta")}
 
-    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's weights as a plain STAWM state dict (e.g. to load as a selfsup `pretrained` model)."""
-        return {name: t[k].detach().clone() for name, t in {**self.params, **self.buffers}.items()}
+    def state_dict(self) -> dict:
+        return {"weights": {name: t.detach() for name, t in {**self.params, **self.buffers}.items()},
+                "optimizer": self.optimizer.state_dict(), "alive": self.alive}
 
-
-def _learning_rates(cfgs: list[Config], epoch: int) -> list[float]:
-    """Each member's rate during `epoch` (1-based): what engine.train's LambdaLR gives after epoch - 1 steps."""
-    return [cfg.lr * lr_factor(cfg, epoch - 1) for cfg in cfgs]
-
-
-def run_fused_epoch(stack: FusedStack, data: DataBundle, epoch: int, alive: torch.Tensor, progress: bool,
-                    freeze_buffers: bool = False) -> tuple[EpochStats, int, float, list[float]]:
-    """One pass of every member over the training set, each in its own order; returns stats, steps, seconds, lrs."""
-    cfg, K, device = stack.cfg, stack.K, data.train.images.device
-    stats = EpochStats.zeros(device, members=K)
-    steps = steps_per_epoch(cfg, len(data.train))
-    lrs = _learning_rates(stack.cfgs, epoch)
-    lr = torch.tensor(lrs, dtype=torch.float64, device=device)  # (K,)
-    members = [iterate_batches(data.train, cfg.batch_size, generator=g, shuffle=True, drop_last=True)
-               for g in stack.generators]
-    augmented = any(c.augment != "none" for c in stack.cfgs)
-    clock = EpochClock(steps, epoch, cfg.epochs, device, progress)
-    for step, batches in enumerate(zip(*members)):
-        if step == steps:
-            break
-        images = torch.stack([b[0] for b in batches])  # (K, B, C, H, H) uint8
-        labels = torch.stack([b[1] for b in batches])  # (K, B)
-        if augmented:  # each member's augmentation from its own generator, as in its plain run
-            x01 = torch.stack([prepare_batch(images[k], augment=c.augment, generator=g,
-                                             rotation_degrees=c.rotation_degrees,
-                                             rotation_interpolation=c.rotation_interpolation)
-                               for k, (c, g) in enumerate(zip(stack.cfgs, stack.generators))])
-        else:  # nothing random: one conversion for the whole stack
-            x01 = prepare_batch(images.flatten(0, 1), augment="none", generator=None).view(images.shape)
-        stack.train_step(to_model_input(x01, cfg, data), x01, labels, lr, alive, stats, freeze_buffers)
-        clock.step()
-    return stats, steps, clock.stop(), lrs
-
-
-def train_fused(cfgs: list[Config], *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
-                checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-                data: DataBundle | None = None, compile: str = "none",
-                precision: str = "fp32") -> Iterator[list[dict | None]]:
-    """Train the configs as one fused model; yield, per epoch, one record per member (engine.train's keys).
-
-    A member's record is None once it has stopped (diverged in an earlier epoch); the run ends when
-    every member has. images_per_second is each member's own rate: their sum is the stack's.
-    The checkpoint (FUSED_CHECKPOINT in checkpoint_dir, written atomically each epoch) holds the whole
-    stack; resume=True continues it exactly. compile and precision mean what they do in engine.train.
-    """
-    check_fusible(cfgs)
-    check_speed_options(compile, precision)
-    device = torch.device(device)
-    cfg = cfgs[0]
-    if data is None:  # loading draws nothing from the seeded generators, so loading first changes no init
-        data = load_training_data(cfg, data_root, device)
-    stack = FusedStack(cfgs, device, compile=compile, precision=precision)
-    monitors = [StabilityMonitor(c) for c in cfgs]
-    alive = torch.ones(stack.K, dtype=torch.bool, device=device)  # (K,) on the device, cleared by the step
-    stopped = [False] * stack.K  # on the host: members whose diverged record has been yielded
-    start_epoch = 0
-    path = checkpoint_path(checkpoint_dir, FUSED_CHECKPOINT)
-    if resume and path is not None and path.exists():
-        state = load_fused_checkpoint(path, cfgs)
-        with torch.no_grad():
-            for name, t in {**stack.params, **stack.buffers}.items():
-                t.copy_(state["stack"][name])
-        stack.optimizer.load_state_dict(state["optimizer"])
-        alive.copy_(state["alive"])
-        stopped = list(state["stopped"])
-        for monitor, saved in zip(monitors, state["stability"]):
-            restore_monitor(monitor, saved)
-        set_rng_state(state["rng"], stack.generators[0])
-        for g, saved in zip(stack.generators, state["data_generators"]):
-            g.set_state(saved)
-        start_epoch = state["epoch"]
-
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if all(stopped):
-            return
-        stats, steps, seconds, lrs = run_fused_epoch(stack, data, epoch, alive, progress, freeze_buffers=any(stopped))
-        evaluations = _evaluate_members(stack, data)  # for all; a diverged member's are dropped
-        records: list[dict | None] = []
-        for k, monitor in enumerate(monitors):
-            if stopped[k]:
-                records.append(None)
-                continue
-            records.append(epoch_record(monitor, epoch, stats.member(k), steps=steps, seconds=seconds,
-                                        batch_size=cfg.batch_size, heads=stack, rates=stack.rates(k), lr=lrs[k],
-                                        evaluate=evaluations[k].copy, device=device))
-            stopped[k] = records[k]["diverged"]
-        if path is not None:
-            save_checkpoint(path, {
-                "format": FORMAT, "configs": [c.to_flat() for c in cfgs], "epoch": epoch,
-                "stack": {name: t.detach() for name, t in {**stack.params, **stack.buffers}.items()},
-                "optimizer": stack.optimizer.state_dict(), "alive": alive, "stopped": stopped,
-                "rng": rng_state(stack.generators[0]), "data_generators": [g.get_state() for g in stack.generators],
-                "stability": [monitor_state(m) for m in monitors],
-            })
-        yield records
-
-
-def _evaluate_members(stack: FusedStack, data: DataBundle) -> list[dict[str, float]]:
-    """engine.evaluation_metrics for every member: each one's test (and validation) record keys."""
-    tests = stack.evaluate(data.test, data)
-    vals = stack.evaluate(data.val, data) if data.val is not None else [None] * stack.K
-    return [evaluation_record(test, val) for test, val in zip(tests, vals)]
-
-
-def load_fused_checkpoint(path: Path, cfgs: list[Config]) -> dict:
-    """The fused checkpoint at `path`, checked against the members' configs (CheckpointError otherwise)."""
-    state = read_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a fused STAWM checkpoint")
-    saved = state["configs"]
-    if len(saved) != len(cfgs):
-        raise CheckpointError(f"checkpoint {path} holds {len(saved)} members, not {len(cfgs)}")
-    for k, (flat, cfg) in enumerate(zip(saved, cfgs)):
-        check_resume_identity(flat, cfg, f"checkpoint {path} member {k}")
-    return state
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for name, t in {**self.params, **self.buffers}.items():
+            t.copy_(state["weights"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.alive.copy_(state["alive"])

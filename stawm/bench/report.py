@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import schema
-from .config import Config
+from .. import schema
+from ..config import Config
 
 VARIANTS = {
     "a": "baseline: authors' pipeline",

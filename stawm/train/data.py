@@ -46,7 +46,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .config import AUGMENTATIONS, DATASETS  # one list of names for the config, the CLI and the loaders
+from ..config import AUGMENTATIONS, DATASETS, Config  # one list of names for the config, the CLI and the loaders
 
 # Per-channel mean and std in [0, 1] pixel units.
 MNIST_STATS = ((0.1307,), (0.3081,))  # the paper's values
@@ -604,12 +604,10 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 
 
 def prepare_batch(images: torch.Tensor, *, augment: str, generator: torch.Generator | None,
-                  rotation_degrees: float = 20.0, rotation_interpolation: str = "nearest",
-                  mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 (B, C, H, W): scale to [0, 1], augment, then normalise if mean/std are given.
+                  rotation_degrees: float = 20.0, rotation_interpolation: str = "nearest") -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W) in [0, 1], augmented (`to_model_input` normalises after:
+    augmenting first makes the zero fill black, as in torchvision's usual pipelines).
 
-    Augmenting before normalising makes the zero fill black, as in torchvision's usual pipelines.
     Every random draw takes `generator`, which must live on images.device.
     """
     if augment not in AUGMENTATIONS:
@@ -621,10 +619,21 @@ def prepare_batch(images: torch.Tensor, *, augment: str, generator: torch.Genera
         x = random_rotate(x, rotation_degrees, generator, rotation_interpolation)
     elif augment == "crop-flip":
         x = random_crop_flip(x, CROP_PADDING, generator)
-    if mean is not None or std is not None:
-        if mean is None or std is None:
-            raise ValueError("give both mean and std, or neither")
-        mean_ = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        std_ = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        x = (x - mean_) / std_
     return x
+
+
+def normalize(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel; x01 (B, C, H, W)."""
+    return (x01 - x01.new_tensor(mean).view(1, -1, 1, 1)) / x01.new_tensor(std).view(1, -1, 1, 1)
+
+
+def to_model_input(x01: torch.Tensor, cfg: Config, data: DataBundle) -> torch.Tensor:
+    """What the model reads of a prepared batch: normalised with the dataset's statistics when cfg.normalize
+    (the loss still compares the drawing with x01)."""
+    return normalize(x01, data.mean, data.std) if cfg.normalize else x01
+
+
+def load_training_data(cfg: Config, data_root: str | Path | None, device: torch.device) -> DataBundle:
+    """The dataset as every run of `cfg` loads it (the validation split always carved with seed 0)."""
+    return load_data(cfg.dataset, data_root, validation_size=cfg.validation_size, split_seed=0,
+                     image_size=cfg.image_size, device=device)

@@ -1,8 +1,8 @@
 """The variants the throughput benchmark (studies/throughput.py) times, its flags and its plan.
 
-(a) `baseline`: the authors' pipeline rebuilt; (b) `engine`: stawm.engine.train under speed options;
+(a) `baseline`: the authors' pipeline rebuilt; (b) `engine`: stawm.train.train under speed options;
 (c) `packed`: K separate Ray Tune trials with fractional resources, each `packed_trial`; (d) `fused`:
-K trials in one process (stawm.fused.train_fused). Each returns one row (`benchmark_report.row`).
+K trials in one process (the same loop with K members). Each returns one row (`report.row`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import schema
-from .benchmark_report import VARIANTS, row, steady
-from .bookkeeping import load_training_data, peak_memory_mb, steps_per_epoch
-from .config import PRESETS, Config
-from .data import DATASETS, load_data
-from .engine import COMPILE_MODES, PRECISIONS, lr_factor, train
-from .fused import train_fused
-from .model import STAWM
+from .. import schema
+from ..config import PRESETS, Config
+from ..model import STAWM
+from ..provenance import PROJECT_ROOT
+from ..train.data import DATASETS, load_data, load_training_data
+from ..train.loop import lr_factor, peak_memory_mb, steps_per_epoch, train
+from ..train.step import COMPILE_MODES, PRECISIONS
+from .report import VARIANTS, row, steady
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(preset="tiny", dataset="mnist-sample", epochs=1, max_steps=3, ks="1,2", packed_ks="2", workers=1,
              threads=1, engine_options="none/fp32,none/bf16", fused_options="none/fp32")
 
@@ -220,21 +219,9 @@ def baseline(cfg: Config, device: torch.device, args) -> dict:
 # --- (b) the engine, (d) fused trials -----------------------------------------------------------
 
 
-def engine(cfg: Config, device: torch.device, data, opts: tuple[str, str]) -> dict:
-    reset_peak(device)
-    wall = time.perf_counter()
-    records = []
-    for record in train(cfg, device=device, data=data, compile=opts[0], precision=opts[1]):
-        records.append(record)
-        progress_line(record["epoch"], record["epoch_seconds"], [record.get(schema.TEST_ERROR)])
-    wall = time.perf_counter() - wall
-    return row("b", 1, opts, epoch_seconds=[r["epoch_seconds"] for r in records],
-               images_per_epoch=steps_per_epoch(cfg, len(data.train)) * cfg.batch_size, wall=wall,
-               peak=peak_memory_mb(device), test_errors=[records[-1].get(schema.TEST_ERROR)])
-
-
-def fused(cfg: Config, device: torch.device, data, K: int, opts: tuple[str, str]) -> dict:
-    cfgs = [cfg.replace(seed=seed) for seed in range(K)]
+def loop(variant: str, cfg: Config, device: torch.device, data, K: int, opts: tuple[str, str]) -> dict:
+    """(b) the loop as users run it (one config) or (d) K seeds of `cfg` fused in it: one row."""
+    cfgs = [cfg.replace(seed=seed) for seed in range(K)] if variant == "d" else [cfg]
     reset_peak(device)
     with warnings.catch_warnings(record=True) as caught:  # ops vmap runs one member at a time
         warnings.simplefilter("always")
@@ -242,7 +229,7 @@ def fused(cfg: Config, device: torch.device, data, K: int, opts: tuple[str, str]
         try:
             wall = time.perf_counter()
             epochs = []
-            for records in train_fused(cfgs, device=device, data=data, compile=opts[0], precision=opts[1]):
+            for records in train(cfgs, device=device, data=data, compile=opts[0], precision=opts[1]):
                 epochs.append(records)
                 live = [r for r in records if r is not None]
                 progress_line(live[0]["epoch"], live[0]["epoch_seconds"], [r.get(schema.TEST_ERROR) for r in live])
@@ -252,10 +239,12 @@ def fused(cfg: Config, device: torch.device, data, K: int, opts: tuple[str, str]
     fallbacks = sorted({str(w.message).split("batching rule for ")[-1].split(".")[0]
                         for w in caught if "performance drop" in str(w.message)})
     last = [r for r in epochs[-1] if r is not None]
-    return row("d", K, opts, epoch_seconds=[next(r for r in e if r is not None)["epoch_seconds"] for e in epochs],
-               images_per_epoch=K * steps_per_epoch(cfg, len(data.train)) * cfg.batch_size, wall=wall,
+    extra = {"vmap_fallbacks": fallbacks, "diverged": sum(r is None or r["diverged"] for r in epochs[-1])}
+    return row(variant, len(cfgs), opts,
+               epoch_seconds=[next(r for r in e if r is not None)["epoch_seconds"] for e in epochs],
+               images_per_epoch=len(cfgs) * steps_per_epoch(cfg, len(data.train)) * cfg.batch_size, wall=wall,
                peak=peak_memory_mb(device), test_errors=[r.get(schema.TEST_ERROR) for r in last],
-               vmap_fallbacks=fallbacks, diverged=sum(r is None or r["diverged"] for r in epochs[-1]))
+               **(extra if variant == "d" else {}))
 
 
 def progress_line(epoch: int, seconds: float, errors: list) -> None:
@@ -275,19 +264,20 @@ def _vmap_fallback_warnings(enabled: bool) -> None:
 
 
 def packed_trial(spec: dict, report) -> None:
-    """One packed trial: the engine on its own seed, `report`ing each epoch with its training window."""
+    """One packed trial: the loop on its own seed, `report`ing each epoch with its training window."""
     cfg = Config.from_flat(spec["cfg"])
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     if device.type == "cuda":  # a fractional GPU only sets CUDA_VISIBLE_DEVICES: cap the memory here
         torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"], device)
     data = load_training_data(cfg, spec["data_root"], device)
-    records = train(cfg, device=device, data=data, compile=spec["compile"], precision=spec["precision"])
+    epochs = train([cfg], device=device, data=data, compile=spec["compile"], precision=spec["precision"])
     while True:
-        called = time.time()  # the engine starts the epoch's training loop as soon as it is asked for it
-        record = next(records, None)
-        if record is None:
+        called = time.time()  # the loop starts the epoch's training as soon as it is asked for it
+        records = next(epochs, None)
+        if records is None:
             return
+        (record,) = records
         report({"epoch": record["epoch"], "epoch_seconds": record["epoch_seconds"],
                 "images_per_second": record["images_per_second"],
                 schema.TEST_ERROR: record.get(schema.TEST_ERROR, math.nan), "peak_memory_mb": record["peak_memory_mb"],
@@ -315,8 +305,8 @@ def packed(cfg: Config, device: torch.device, K: int, opts: tuple[str, str], arg
     if not ray.is_initialized():
         ray.init(address="local",  # our own cluster, never one found running on the machine
                  num_cpus=cores, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
-                 log_to_driver=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # stawm from this checkout, installed or not
+                 log_to_driver=False, logging_level="ERROR",  # stawm from this checkout, installed or not:
+                 runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     resources = {"cpu": cores / K, **({"gpu": 1 / K} if device.type == "cuda" else {})}
     tuner = tune.Tuner(
         tune.with_resources(_ray_trial, resources),

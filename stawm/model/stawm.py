@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
+from ..config import Config
 from .glimpse import AffineEmitter, glimpse, invert_affine
 from .heads import Classifier, Drawer, gaussian_kl
 from .memory import HebbRosenblatt

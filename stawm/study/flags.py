@@ -19,11 +19,12 @@ from typing import NoReturn
 
 from ray import tune
 
-from . import preflight, schema
-from .config import PRESETS, Config, ConfigError, preset
-from .data import MissingDataError, load_data
+from .. import schema
+from ..config import PRESETS, Config, ConfigError, preset
+from ..train.data import MissingDataError, load_data
 from .gpu_share import GPU_SAFETY, MAX_TRIALS_PER_GPU, PROBE_STEPS
-from .provenance import redact
+from ..provenance import redact
+from . import preflight
 
 QUICK = dict(preset="tiny", seeds=2, epochs=1, dataset="mnist-sample")  # a few minutes on 2 CPU cores
 

@@ -18,10 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import schema
-from .config import PRESETS, preset
+from .. import schema
+from ..config import PRESETS, preset
+from .checkpoints import CHECKPOINT, CheckpointError
 from .data import DATASETS, MissingDataError
-from .engine import CHECKPOINT, COMPILE_MODES, PRECISIONS, CheckpointError, final_metrics, train
+from .loop import final_metrics, train
+from .step import COMPILE_MODES, PRECISIONS
 
 PROG = "stawm-train"
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     progress = sys.stderr.isatty() and not args.no_progress
     records = []
     try:
-        for record in train(cfg, device=args.device, data_root=args.data_root, checkpoint_dir=checkpoint_dir,
+        for (record,) in train([cfg], device=args.device, data_root=args.data_root, checkpoint_dir=checkpoint_dir,
                             resume=args.resume is not None, progress=progress, compile=args.compile,
                             precision=args.precision):
             records.append(record)
@@ -103,7 +105,3 @@ def main(argv=None) -> int:
 def _error(message) -> int:
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

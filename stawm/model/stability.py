@@ -17,20 +17,11 @@ import math
 
 import torch
 
-from .config import Config
+from ..config import Config
+from ..schema import CONDITIONS
 from .heads import QUERY_BOUND
 from .memory import ACTIVATIONS
 
-# condition -> (kind, what it asks). Informational ones are reported but never fail a run.
-CONDITIONS = {
-    "activation": ("static", "sigma_I and sigma_II nonnegative and bounded (ReLU6: 6, sigmoid: 1)"),
-    "rates": ("static", "eta > 0, delta > 0, theta >= 0"),
-    "decay": ("static", "delta <= 1 (delta > 1 oscillates, delta >= 2 diverges)"),
-    "eta_gt_delta": ("informational", "eta > delta (the paper's garbled comparison; unproven)"),
-    "stationary_input": ("informational", "memory input independent of recurrent outputs (STAWM's 'where' breaks it)"),
-    "bound": ("runtime", "W_ij <= (eta/delta) L_I L_II and (W q)_i <= M L_q (eta/delta) L_I L_II"),
-    "finite": ("runtime", "loss, gradients and W stay finite"),
-}
 INFORMATIONAL = tuple(name for name, (kind, _) in CONDITIONS.items() if kind == "informational")
 TOLERANCE = 1e-4  # relative slack on the bounds, for float32 rounding
 
@@ -63,16 +54,17 @@ def _ratio(value: float, bound: float) -> float:
     return 0.0 if math.isinf(bound) else value / bound
 
 
-def step_bound_ratio(memory, max_w, max_readout):
-    """On-device (value / bound) for one step, with that step's rates; no host sync.
+def step_bound_ratio(delta, eta, max_w, max_readout, *, bound: float, memory_size: int):
+    """On-device (value / bound) for one step, with that step's rates (tensors); no host sync.
 
-    0 where the bound does not apply (delta outside (0, 1]): `rates`/`decay` flag those runs.
+    bound: the activation's bound L (both memory layers); 0 where the bound does not apply (delta outside
+    (0, 1]): `rates`/`decay` flag those runs.
     """
-    lam2 = memory.bound**2
-    applies = (memory.delta > 0) & (memory.delta <= 1)
+    lam2 = bound**2
+    applies = (delta > 0) & (delta <= 1)
     # value * delta / (eta L^2) rather than value / bound: the bound itself overflows float32 for huge eta
-    w_ratio = max_w * memory.delta / (memory.eta * lam2)
-    readout_ratio = max_readout * memory.delta / (memory.eta * lam2 * memory.memory_size * QUERY_BOUND)
+    w_ratio = max_w * delta / (eta * lam2)
+    readout_ratio = max_readout * delta / (eta * lam2 * memory_size * QUERY_BOUND)
     ratio = torch.maximum(w_ratio, readout_ratio)
     return torch.where(applies, ratio, torch.zeros_like(ratio)).detach()
 

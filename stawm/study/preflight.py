@@ -30,7 +30,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .provenance import redact
+from ..provenance import redact
 
 SHARED_STORAGE_ENV = "STAWM_SHARED_STORAGE"
 # Schemes pyarrow opens that are not shared between nodes: "mock" is its in-memory test filesystem.

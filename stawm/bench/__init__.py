@@ -1,0 +1,1 @@
+"""The throughput benchmark (studies/throughput.py): its variants and plan (`benchmark`), its report (`report`)."""

@@ -1,0 +1,235 @@
+"""What one training step runs on: the members of a run, behind one small interface.
+
+The loop (`stawm.train.loop`) trains K >= 1 configurations ("members") and never asks how; it talks to
+
+    members.cfgs, members.generators      each member's Config and data generator (order, augmentation)
+    members.classifies, members.draws     which heads the model has
+    members.begin_epoch(lrs, stopped)     each member's learning rate for the epoch; which ones have stopped
+    members.step(x, target, labels, stats)  one optimiser step of every member, folded into `stats` on the device
+    members.evaluate(split, data)         one result per member ({"error", "recon_loss"})
+    members.rates(k)                      member k's memory rates now
+    members.state_dict(), load_state_dict(state)   for the checkpoint ("weights" with a leading member axis)
+
+Two implementations: `OneModel` here (K = 1: the model, torch's own Adam; the plain run) and
+`stawm.train.fused.FusedStack` (K members vectorised as one model with one stacked Adam). Batches arrive
+stacked over members: x, target (K, B, C, H, W), labels (K, B).
+
+Also here, for both: the seeds (`seed_everything`), a member's model as its run builds it (`build_model`),
+the statistics a step folds (`EpochStats`), and the speed options (compile, precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..model import STAWM, Output
+from ..model.stability import step_bound_ratio
+from .checkpoints import member_weights
+from .data import DataBundle, iterate_batches, prepare_batch, to_model_input
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # torch.compile modes; none = eager
+PRECISIONS = ("fp32", "bf16")  # bf16 = autocast of the forward pass (the loss, W's sums and Adam stay fp32)
+
+
+# --- seeds: the one labelled place --------------------------------------------------------------
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed python, numpy and torch (init, dropout) and return the data generator (order, augmentation)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def build_model(cfg: Config, device: torch.device) -> STAWM:
+    """A member's STAWM in training mode; selfsup starts from its `pretrained` drawing model (member 0 of
+    that checkpoint)."""
+    model = STAWM(cfg).to(device)
+    if cfg.task == "selfsup" and cfg.pretrained:
+        model.load_drawing_weights(member_weights(cfg.pretrained))
+    return model.train()
+
+
+# --- what a step folds --------------------------------------------------------------------------
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one epoch, (K,) tensors on the device: no host sync until the epoch ends."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    max_w: torch.Tensor
+    max_readout: torch.Tensor
+    bound_ratio: torch.Tensor
+    loss_finite: torch.Tensor
+    grads_finite: torch.Tensor
+    w_finite: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device, members: int) -> "EpochStats":
+        """Sums of nothing yet, for `members` members."""
+        z = torch.zeros(members, device=device)
+        t = torch.ones(members, dtype=torch.bool, device=device)
+        return cls(z, z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), t, t.clone(), t.clone())
+
+    def fold(self, *, loss, correct, recon, kl, max_w, max_readout, bound_ratio, loss_finite, grads_finite,
+             w_finite) -> None:
+        """Add one step's numbers: scalars for one member, or (K,) for a stack."""
+        self.loss += loss
+        self.loss_finite &= loss_finite
+        self.grads_finite &= grads_finite
+        self.w_finite &= w_finite
+        self.correct += correct
+        self.recon += recon
+        self.kl += kl
+        self.max_w = torch.maximum(self.max_w, max_w)
+        self.max_readout = torch.maximum(self.max_readout, max_readout)
+        self.bound_ratio = torch.maximum(self.bound_ratio, bound_ratio)
+
+    def member(self, k: int) -> "EpochStats":
+        """Member k's sums (scalars)."""
+        return EpochStats(*(getattr(self, f.name)[k] for f in dataclasses.fields(self)))
+
+
+# --- speed options ------------------------------------------------------------------------------
+
+
+def check_speed_options(compile: str, precision: str) -> None:
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is not allowed: choose one of {list(COMPILE_MODES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not allowed: choose one of {list(PRECISIONS)}")
+
+
+def model_forward(model: nn.Module, device: torch.device, *, compile: str = "none",
+                  precision: str = "fp32") -> Callable[[torch.Tensor], Output]:
+    """The callable that runs `model` under the speed options: `model` itself for plain eager fp32.
+
+    Only the model is compiled, with static shapes (training batches are full, so one graph serves
+    every step; evaluation recompiles once for eval mode and once for a smaller last batch). The loss
+    stays eager: compiled with the forward, inductor returned it without a grad_fn (torch 2.14:
+    `new_zeros(()) + 1.0 * nll` returned beside `nll.detach()`). State dicts and checkpoints keep
+    using `model` itself, so their keys do not change.
+    """
+    check_speed_options(compile, precision)
+    run = model if compile == "none" else new_step(torch.compile(model, mode=compile, dynamic=False))
+    if precision == "fp32":
+        return run
+
+    def forward(x: torch.Tensor) -> Output:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = run(x)
+        return to_fp32(out)
+
+    return forward
+
+
+def new_step(compiled: Callable) -> Callable:
+    """Each call starts a new step for CUDA graphs (reduce-overhead, max-autotune): the previous step's
+    outputs have been consumed by then, so their memory may be reused."""
+
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
+
+    return call
+
+
+def to_fp32(out: Output) -> Output:
+    """Outputs back to float32 after autocast, so the loss is reduced in fp32 on every device
+    (CPU autocast leaves log_softmax in bf16; CUDA's already returns it in fp32)."""
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return Output(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in fields.items()})
+
+
+# --- one member ---------------------------------------------------------------------------------
+
+
+def clip_gradients(params: list[nn.Parameter], cfg: Config) -> None:
+    if cfg.grad_clip_mode == "value":  # the authors clipped each gradient element
+        torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+    elif cfg.grad_clip_mode == "norm":
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
+
+class OneModel:
+    """One member: its STAWM and torch's own Adam, seeded and built as `seed_everything`, `build_model`.
+
+    A step that goes non-finite still steps (the loop stops the member at the epoch's end, on its record).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, compile: str = "none", precision: str = "fp32"):
+        self.cfgs, self.cfg, self.device = [cfg], cfg, device
+        self.generators = [seed_everything(cfg.seed, device)]
+        self.model = build_model(cfg, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.forward = model_forward(self.model, device, compile=compile, precision=precision)
+        self.classifies, self.draws = self.model.classifies, self.model.draws
+
+    def begin_epoch(self, lrs: list[float], stopped: list[bool]) -> None:
+        self.optimizer.param_groups[0]["lr"] = lrs[0]
+
+    def step(self, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, stats: EpochStats) -> None:
+        out = self.forward(x[0])
+        loss, parts = self.model.loss(out, target[0], labels[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
+        grads_finite = torch.stack(grad_norms).isfinite().all()  # before clipping hides an inf
+        clip_gradients(self.params, self.cfg)
+        self.optimizer.step()
+        loss, memory = loss.detach(), self.model.memory
+        stats.fold(loss=loss, loss_finite=loss.isfinite(), grads_finite=grads_finite,
+                   w_finite=out.memory.detach().isfinite().all(), correct=parts.get("correct", 0),
+                   recon=parts.get("recon_loss", 0), kl=parts.get("kl", 0), max_w=out.max_w,
+                   max_readout=out.max_readout,
+                   bound_ratio=step_bound_ratio(memory.delta, memory.eta, out.max_w, out.max_readout,
+                                                bound=memory.bound, memory_size=memory.memory_size))
+
+    @torch.no_grad()
+    def evaluate(self, split, data: DataBundle) -> list[dict[str, float]]:
+        """Error (classification) and reconstruction (drawing) over a whole split, in eval mode."""
+        self.model.eval()
+        errors = torch.zeros((), device=split.images.device)
+        recon = torch.zeros((), device=split.images.device)
+        for images, labels in iterate_batches(split, self.cfg.batch_size, generator=None, shuffle=False,
+                                              drop_last=False):
+            x01 = prepare_batch(images, augment="none", generator=None)
+            out = self.forward(to_model_input(x01, self.cfg, data))
+            if out.log_probs is not None:
+                errors += (out.log_probs.argmax(1) != labels).sum()
+            if out.canvas is not None:
+                recon += ((out.canvas - x01) ** 2).sum()
+        self.model.train()
+        result = {}
+        if self.classifies:
+            result["error"] = float(errors) / len(split)
+        if self.draws:
+            result["recon_loss"] = float(recon) / len(split)
+        return [result]
+
+    def rates(self, k: int) -> dict[str, float]:
+        return self.model.memory.rates()
+
+    def state_dict(self) -> dict:
+        return {"weights": {name: t[None] for name, t in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict({name: t[0] for name, t in state["weights"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
