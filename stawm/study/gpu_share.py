@@ -17,9 +17,9 @@ import os
 import ray
 import torch
 
-from .cluster import ClusterShape
 from ..config import Config
 from ..train import train
+from .cluster import ClusterShape
 from .preflight import PreflightError
 
 GPU_SAFETY = 1.25  # on the probe's peak: a few steps of the base config, not a whole epoch of every trial

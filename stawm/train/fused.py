@@ -41,7 +41,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..config import Config
 from ..model.stability import step_bound_ratio
 from .data import DataBundle, iterate_batches, prepare_batch, to_model_input
-from .step import EpochStats, build_model, check_speed_options, new_step, seed_everything, to_fp32
+from .step import EpochStats, build_model, check_speed_options, new_step, seed_everything, split_results, to_fp32
 
 # What may differ between members, and why each can:
 FUSIBLE_FIELDS = (
@@ -292,14 +292,7 @@ class FusedStack:
             errors += e
             recon += r
         self.base.train()
-        n = len(split)
-        results = [{} for _ in range(self.K)]
-        for k, result in enumerate(results):
-            if self.classifies:
-                result["error"] = float(errors[k]) / n
-            if self.draws:
-                result["recon_loss"] = float(recon[k]) / n
-        return results
+        return split_results(errors, recon, len(split), self)
 
     def rates(self, k: int) -> dict[str, float]:
         return {name: float(self._rate(name, self.params, self.buffers)[k].detach())

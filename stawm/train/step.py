@@ -105,6 +105,20 @@ class EpochStats:
         return EpochStats(*(getattr(self, f.name)[k] for f in dataclasses.fields(self)))
 
 
+def split_results(errors: torch.Tensor, recon: torch.Tensor, n: int, heads) -> list[dict[str, float]]:
+    """Each member's evaluation of a split of n images from its sums, errors and recon (K,): the error rate
+    when it classifies, the mean reconstruction loss when it draws (`heads` says which)."""
+    results = []
+    for e, r in zip(errors, recon):
+        result = {}
+        if heads.classifies:
+            result["error"] = float(e) / n
+        if heads.draws:
+            result["recon_loss"] = float(r) / n
+        results.append(result)
+    return results
+
+
 # --- speed options ------------------------------------------------------------------------------
 
 
@@ -205,8 +219,8 @@ class OneModel:
     def evaluate(self, split, data: DataBundle) -> list[dict[str, float]]:
         """Error (classification) and reconstruction (drawing) over a whole split, in eval mode."""
         self.model.eval()
-        errors = torch.zeros((), device=split.images.device)
-        recon = torch.zeros((), device=split.images.device)
+        errors = torch.zeros(1, device=split.images.device)
+        recon = torch.zeros(1, device=split.images.device)
         for images, labels in iterate_batches(split, self.cfg.batch_size, generator=None, shuffle=False,
                                               drop_last=False):
             x01 = prepare_batch(images, augment="none", generator=None)
@@ -216,12 +230,7 @@ class OneModel:
             if out.canvas is not None:
                 recon += ((out.canvas - x01) ** 2).sum()
         self.model.train()
-        result = {}
-        if self.classifies:
-            result["error"] = float(errors) / len(split)
-        if self.draws:
-            result["recon_loss"] = float(recon) / len(split)
-        return [result]
+        return split_results(errors, recon, len(split), self)
 
     def rates(self, k: int) -> dict[str, float]:
         return self.model.memory.rates()
