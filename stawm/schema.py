@@ -50,23 +50,11 @@ EXPERIMENT_KIND_TRAINING = "custom_model_development"  # model training runs (no
 DATASET_CONTEXT = "mlflow.data.context"  # tag of a run's dataset input: what the run used it for
 DATASET_CONTEXT_TRAINING = "training"  # "true" when a scheduler stopped the trial before its last epoch
 
-STABILITY_OK = "stability.ok"  # "true" unless a non-informational Appendix A condition failed
-STABILITY_FLAGS = "stability.flags"  # the failed conditions, comma-separated ("" if none)
+STABILITY_OK = "stability.ok"  # "true" unless a flagging Appendix A condition failed (stawm.conditions)
+STABILITY_FLAGS = "stability.flags"  # the failed conditions' names, comma-separated ("" if none)
 STABILITY_STATIC_OK = "stability.static_ok"  # passed before training
-STABILITY_DIVERGED = "stability.diverged"  # loss, gradients or W went non-finite
+STABILITY_DIVERGED = "stability.diverged"  # an outcome, not a condition: loss, gradients or W went non-finite
 STABILITY_TAGS = (STABILITY_OK, STABILITY_FLAGS, STABILITY_STATIC_OK, STABILITY_DIVERGED)
-
-# --- the Appendix A conditions (stawm.model.stability checks them; their names are the flags) ---------
-# condition -> (kind, what it asks). Informational ones are reported but never fail a run.
-CONDITIONS = {
-    "activation": ("static", "sigma_I and sigma_II nonnegative and bounded (ReLU6: 6, sigmoid: 1)"),
-    "rates": ("static", "eta > 0, delta > 0, theta >= 0"),
-    "decay": ("static", "delta <= 1 (delta > 1 oscillates, delta >= 2 diverges)"),
-    "eta_gt_delta": ("informational", "eta > delta (the paper's garbled comparison; unproven)"),
-    "stationary_input": ("informational", "memory input independent of recurrent outputs (STAWM's 'where' breaks it)"),
-    "bound": ("runtime", "W_ij <= (eta/delta) L_I L_II and (W q)_i <= M L_q (eta/delta) L_I L_II"),
-    "finite": ("runtime", "loss, gradients and W stay finite"),
-}
 
 # --- params of the parent run ---------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def test_corrupt_or_mismatched_checkpoint_is_an_error_not_a_fresh_start(tmp_path
     with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
         next(train([cfg.replace(epochs=2)], checkpoint_dir=tmp_path, resume=True))
     torch.save({"model": {}, "epoch": 1}, tmp_path / CHECKPOINT)  # what stawm wrote before the loops merged
-    with pytest.raises(CheckpointError, match="is not a STAWM checkpoint of format 'stawm-2' \\(no format\\)"):
+    with pytest.raises(CheckpointError, match="is not a STAWM checkpoint of format 'stawm-3' \\(no format\\)"):
         next(train([cfg.replace(epochs=2)], checkpoint_dir=tmp_path, resume=True))
 
 

@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..conditions import ACTIVATIONS as BOUNDS  # (sigma(0), Lambda) per activation
+
 # sigma of layers I and II and its upper bound Lambda (Appendix A needs it nonnegative and bounded)
-ACTIVATIONS = {"relu6": (F.relu6, 6.0), "sigmoid": (torch.sigmoid, 1.0)}
+ACTIVATIONS = {"relu6": (F.relu6, BOUNDS["relu6"][1]), "sigmoid": (torch.sigmoid, BOUNDS["sigmoid"][1])}
 
 
 class HebbRosenblatt(nn.Module):

@@ -1,14 +1,16 @@
-"""Appendix A stability conditions, as ../shared/paper/NOTES.md states them for this project.
+"""Appendix A on a training run: the conditions (`stawm.conditions`) each epoch, divergence as an outcome,
+and the memory's own state; plus the memory bound, an invariant of the implementation.
 
-Two parts:
-- `static_check(cfg)`: the named conditions of a configuration before anything runs, with the
-  analytic bounds;
-- `StabilityMonitor`: fed once per epoch by the training loop (largest W entry and read-out, the
-  finiteness of loss, gradients and W, the current rates); records every condition that fails and
-  the epoch it first failed (0 = before training), and writes one JSON-serialisable report.
+- `StabilityMonitor`: fed once per epoch by the training loop (the epoch's rates, whether the loss,
+  gradients or W went non-finite, the memory's statistics); records every condition that fails and the
+  epoch it first failed (0 = before training), the epoch the run diverged, and writes one
+  JSON-serialisable report.
+- `step_bound_ratio`: max |W| and the largest read-out against their bounds (NOTES, "Invariants"), on the
+  device, with the rates the forward pass used. With bounded sigma the bound holds by construction for
+  any rates, so a ratio above 1 is a bug in the implementation, never a verdict on a run: tests check it,
+  runs report it as the metric `memory_bound_ratio`, apart from the conditions.
 
-A run breaks Appendix A when any non-informational condition fails, at the start or at any epoch.
-Such a run is flagged, never dropped. Knows configs and tensors only (no Ray, no MLflow).
+Knows configs and tensors only (no Ray, no MLflow).
 """
 
 from __future__ import annotations
@@ -17,67 +19,29 @@ import math
 
 import torch
 
+from ..conditions import CONDITIONS, check, failed
 from ..config import Config
-from ..schema import CONDITIONS
 from .heads import QUERY_BOUND
-from .memory import ACTIVATIONS
 
-INFORMATIONAL = tuple(name for name, (kind, _) in CONDITIONS.items() if kind == "informational")
-TOLERANCE = 1e-4  # relative slack on the bounds, for float32 rounding
+BOUND_TOLERANCE = 1e-4  # relative slack on the memory bound, for float32 rounding
 
 
-def rate_conditions(delta: float, eta: float, theta: float) -> dict[str, bool]:
-    """The conditions that depend on the rates alone; checked again each epoch when rates learn."""
-    finite = all(math.isfinite(x) for x in (delta, eta, theta))
-    return {
-        "rates": finite and eta > 0 and delta > 0 and theta >= 0,
-        "decay": finite and delta <= 1,
-        "eta_gt_delta": finite and eta > delta,
-    }
+def step_bound_ratio(delta, eta, max_w, max_readout, *, bound: float, memory_size: int, glimpses: int):
+    """max(max|W| / W bound, max read-out / read-out bound) for one step, tensors on the device (no host sync).
 
-
-def bounds(cfg: Config, delta: float, eta: float) -> dict[str, float]:
-    """Analytic bounds from W = 0 with 0 < delta <= 1 (NOTES, `bound`); inf where they do not hold."""
-    lam = ACTIVATIONS[cfg.activation][1]  # Lambda_I = Lambda_II: both memory layers use sigma
-    lam_q = QUERY_BOUND  # every query ends in a ReLU6, after its dropout
-    if not (0 < delta <= 1 and math.isfinite(eta)):
-        return {"w": math.inf, "readout": math.inf, "eq16": math.inf}
-    w = (eta / delta) * lam * lam
-    return {
-        "w": w,
-        "readout": cfg.memory_size * lam_q * w,
-        "eq16": (eta / delta) * cfg.glimpses * cfg.memory_size * lam**2 * lam,  # Eq. 16's looser form
-    }
-
-
-def _ratio(value: float, bound: float) -> float:
-    return 0.0 if math.isinf(bound) else value / bound
-
-
-def step_bound_ratio(delta, eta, max_w, max_readout, *, bound: float, memory_size: int):
-    """On-device (value / bound) for one step, with that step's rates (tensors); no host sync.
-
-    bound: the activation's bound L (both memory layers); 0 where the bound does not apply (delta outside
-    (0, 1]): `rates`/`decay` flag those runs.
+    W after n writes from W = 0: each write adds eta e_i sigma_j with |e_i sigma_j| <= L^2 and the old W
+    is scaled by (1 - delta), so |W_ij| <= |eta| L^2 sum_{k<N} |1 - delta|^k for any rates (NOTES); a
+    read-out (W q)_i with 0 <= q <= L_q sums M entries: <= M L_q max|W|. delta, eta: the rates this
+    forward pass used (before the optimiser moves them); bound: the activation's L.
     """
-    lam2 = bound**2
-    applies = (delta > 0) & (delta <= 1)
-    # value * delta / (eta L^2) rather than value / bound: the bound itself overflows float32 for huge eta
-    w_ratio = max_w * delta / (eta * lam2)
-    readout_ratio = max_readout * delta / (eta * lam2 * memory_size * QUERY_BOUND)
-    ratio = torch.maximum(w_ratio, readout_ratio)
-    return torch.where(applies, ratio, torch.zeros_like(ratio)).detach()
-
-
-def static_check(cfg: Config) -> dict:
-    """Each named condition with pass/fail before training, plus the analytic bounds."""
-    conditions = {
-        "activation": cfg.activation in ACTIVATIONS,
-        **rate_conditions(cfg.delta, cfg.eta, cfg.theta),
-        "stationary_input": False,  # the 'where' pathway reads the emission LSTM: outside the proof, by design
-    }
-    failed = [n for n, ok in conditions.items() if not ok and n not in INFORMATIONAL]
-    return {"ok": not failed, "conditions": conditions, "failed": failed, "bounds": bounds(cfg, cfg.delta, cfg.eta)}
+    decay = (1 - delta).abs()
+    k = torch.arange(glimpses, dtype=decay.dtype, device=decay.device)
+    w_bound = eta.abs() * bound**2 * (decay.unsqueeze(-1) ** k).sum(-1)
+    readout_bound = w_bound * memory_size * QUERY_BOUND
+    ratio = torch.maximum(max_w / w_bound, max_readout / readout_bound)
+    # a bound that overflowed (huge rates) says nothing; eta = 0 writes nothing, so W stays 0 (0/0)
+    informative = w_bound.isfinite() & (w_bound > 0)
+    return torch.where(informative, ratio, torch.zeros_like(ratio)).detach()
 
 
 class StabilityMonitor:
@@ -85,61 +49,51 @@ class StabilityMonitor:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.static = static_check(cfg)
-        self.first_failed: dict[str, int] = {}
+        self.static = check(cfg.activation, cfg.delta, cfg.eta, cfg.theta)
+        self.first_failed: dict[str, int] = {name: 0 for name, ok in self.static.items() if not ok}
+        self.diverged_epoch: int | None = None
         self.history: list[dict] = []
-        for name, ok in self.static["conditions"].items():
-            if not ok:
-                self.first_failed[name] = 0
 
-    def observe(self, epoch: int, *, rates: dict[str, float], max_w: float, max_readout: float,
-                loss_finite: bool, grads_finite: bool, w_finite: bool, bound_ratio: float | None = None) -> dict:
-        """One epoch's conditions; returns {'ok', 'failed', 'values'} for the epoch record.
-
-        bound_ratio: the largest (value / bound) seen during the epoch, each step against the rates of
-        that step (learnable rates move the bound). Without it the epoch's maxima are compared with
-        the bounds at the current rates, which is exact for fixed rates.
-        """
-        limit = bounds(self.cfg, rates["delta"], rates["eta"])
-        if bound_ratio is None:
-            bound_ratio = max(_ratio(max_w, limit["w"]), _ratio(max_readout, limit["readout"]))
-        checks = {
-            **rate_conditions(rates["delta"], rates["eta"], rates["theta"]),
-            "bound": bound_ratio <= 1 + TOLERANCE,
-            "finite": loss_finite and grads_finite and w_finite,
-        }
+    def observe(self, epoch: int, *, rates: dict[str, float], diverged: bool, memory: dict[str, float]) -> dict:
+        """One epoch: the conditions on its rates, whether it diverged (loss, gradients or W not finite),
+        and the memory's statistics (kept in the history). Returns {'ok', 'failed'} so far."""
+        checks = check(self.cfg.activation, rates["delta"], rates["eta"], rates["theta"])
         for name, ok in checks.items():
             if not ok:
                 self.first_failed.setdefault(name, epoch)
-        values = {**rates, "max_w": max_w, "max_readout": max_readout, "w_bound": limit["w"],
-                  "readout_bound": limit["readout"], "bound_ratio": bound_ratio}
-        self.history.append({"epoch": epoch, **values, "failed": [n for n, ok in checks.items() if not ok]})
-        failed = self.failed()
-        return {"ok": not failed, "failed": failed, "values": values}
+        if diverged and self.diverged_epoch is None:
+            self.diverged_epoch = epoch
+        self.history.append({"epoch": epoch, **rates, **memory, "failed": failed(checks), "diverged": diverged})
+        flagged = self.failed()
+        return {"ok": not flagged, "failed": flagged}
 
     def failed(self) -> list[str]:
-        """Every non-informational condition that has failed so far, in table order."""
-        return [n for n in CONDITIONS if n in self.first_failed and n not in INFORMATIONAL]
+        """Every flagging condition that has failed so far, in table order."""
+        return failed({name: name not in self.first_failed for name in CONDITIONS})
 
     @property
     def diverged(self) -> bool:
-        return "finite" in self.first_failed
+        return self.diverged_epoch is not None
 
     def report(self) -> dict:
-        """The run's report: overall verdict (ignoring informational conditions), per-condition detail."""
+        """The run's report: the verdict on the conditions (each with its source), the outcome `diverged`,
+        and the memory bound (an invariant, reported apart: it flags nothing)."""
         conditions = {
-            name: {"kind": kind, "asks": asks, "ok": name not in self.first_failed,
-                   "first_failed_epoch": self.first_failed.get(name)}
-            for name, (kind, asks) in CONDITIONS.items()
+            name: {"source": c.source, "asks": c.asks, "informational": c.informational,
+                   "ok": name not in self.first_failed, "first_failed_epoch": self.first_failed.get(name)}
+            for name, c in CONDITIONS.items()
         }
-        failed = self.failed()
+        largest = max((h["memory_bound_ratio"] for h in self.history  # a diverged epoch's is NaN or inf
+                       if math.isfinite(h.get("memory_bound_ratio", math.nan))), default=0.0)
+        flagged = self.failed()
         return {
-            "ok": not failed,
-            "failed": failed,
-            "static_ok": self.static["ok"],
+            "ok": not flagged,
+            "failed": flagged,
+            "static_ok": not failed(self.static),
             "diverged": self.diverged,
+            "diverged_epoch": self.diverged_epoch,
             "conditions": conditions,
-            "bounds": _json_safe(self.static["bounds"]),
+            "memory_bound": {"largest_ratio": largest, "holds": largest <= 1 + BOUND_TOLERANCE},
             "history": [_json_safe(h) for h in self.history],
         }
 

@@ -30,8 +30,26 @@ class Output:
     kl: torch.Tensor | None  # (B,) joint KL of the glimpse latents (Eq. 25)
     poses: torch.Tensor  # (B, N, 2, 3) the glimpse transforms A
     memory: torch.Tensor  # (B, M, M) terminal W
-    max_w: torch.Tensor  # () largest W entry over all glimpses (Appendix A bound)
-    max_readout: torch.Tensor  # () largest read-out W q before sigma over every read (Appendix A bound)
+    max_abs_w: torch.Tensor  # () largest |W| entry over all glimpses (the memory bound; W < 0 when delta > 1)
+    max_readout: torch.Tensor  # () largest read-out W q before sigma over every read (the memory bound)
+    readout_dead: torch.Tensor  # () fraction of read-outs sigma(W q) at 0, over every read of the batch
+    readout_saturated: torch.Tensor  # () fraction at Lambda, sigma's upper bound
+
+
+class ReadCounts:
+    """How many read-outs sigma(W q) sat at 0 (dead units) and at Lambda (saturated), over a forward pass."""
+
+    def __init__(self, like: torch.Tensor):
+        self.dead, self.saturated, self.total = like.new_zeros(()), like.new_zeros(()), 0
+
+    def add(self, memory, projected: torch.Tensor) -> None:
+        read = memory.sigma(projected.detach())
+        self.dead = self.dead + (read <= 0).sum()
+        self.saturated = self.saturated + (read >= memory.bound).sum()
+        self.total += read.numel()
+
+    def fractions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dead / max(self.total, 1), self.saturated / max(self.total, 1)
 
 
 class STAWM(nn.Module):
@@ -81,8 +99,7 @@ class STAWM(nn.Module):
         emission_state = (emission_in, torch.zeros_like(emission_in))
         aggregator_state = (torch.zeros_like(emission_in), torch.zeros_like(emission_in))
         W = self.memory.init_state(B)  # (B, M, M)
-        max_w = W.new_zeros(())
-        max_readout = W.new_zeros(())
+        max_abs_w, max_readout, reads = W.new_zeros(()), W.new_zeros(()), ReadCounts(W)
         poses, latents = [], []
         if self.draws:
             canvas = self.drawer.start(B, images)
@@ -98,25 +115,28 @@ class STAWM(nn.Module):
             where = self.where(A.flatten(1) if cfg.where_source == "pose" else h)  # (B, M)
             e = self.memory.sigma(self.what(g) * where)  # (B, M): multiplicative what/where pathway
             W = self.memory.update(W, e)  # update state: one write per glimpse (Eq. 2)
-            max_w = torch.maximum(max_w, W.detach().amax())
+            max_abs_w = torch.maximum(max_abs_w, W.detach().abs().amax())
             poses.append(A)
             if self.draws:  # intermediate state: read after each write, draw one sketch
                 A_inv = self.inverse_emitter(h) if cfg.inverse_transform == "learned" else invert_affine(A)
                 canvas, latent, projected = self.drawer.step(self.memory, W, draw_query, A_inv, canvas)
                 latents.append(latent)
                 max_readout = torch.maximum(max_readout, projected.detach().amax())
+                reads.add(self.memory, projected)
 
         log_probs = None
         if self.classifies:  # terminal state
             log_probs, projected = self.classifier(self.memory, W, context)
             max_readout = torch.maximum(max_readout, projected.detach().amax())
+            reads.add(self.memory, projected)
         canvas_out, kl = None, None
         if self.draws:
             canvas_out = self.drawer.finish(canvas)
             mu = torch.stack([m for m, _ in latents], dim=1)  # (B, N, K)
             logvar = torch.stack([v for _, v in latents], dim=1)  # (B, N, K)
             kl = gaussian_kl(mu, logvar)  # (B,)
-        return Output(log_probs, canvas_out, kl, torch.stack(poses, dim=1), W, max_w, max_readout)
+        return Output(log_probs, canvas_out, kl, torch.stack(poses, dim=1), W, max_abs_w, max_readout,
+                      *reads.fractions())
 
     def loss(self, out: Output, targets: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The training objective and its parts as tensors (no host sync).

@@ -22,7 +22,8 @@ from ..config import Config
 from ..model.stability import StabilityMonitor
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = "stawm-2"  # one format for one member or K; "stawm-1" files (before the loops merged) are refused
+FORMAT = "stawm-3"  # one format for one member or K; older files are refused (stawm-2: before the
+# Appendix A conditions were rewritten, its stability monitors name conditions that are gone)
 
 
 class CheckpointError(RuntimeError):
@@ -88,11 +89,12 @@ def check_resume_identity(saved: dict, cfg: Config, checkpoint: str) -> None:
 
 def monitor_state(monitor: StabilityMonitor) -> dict:
     """What a checkpoint keeps of a stability monitor, so that a resumed run's report goes on from it."""
-    return {"first_failed": monitor.first_failed, "history": monitor.history}
+    return {"first_failed": monitor.first_failed, "diverged_epoch": monitor.diverged_epoch, "history": monitor.history}
 
 
 def restore_monitor(monitor: StabilityMonitor, state: dict) -> None:
     monitor.first_failed, monitor.history = dict(state["first_failed"]), list(state["history"])
+    monitor.diverged_epoch = state["diverged_epoch"]
 
 
 def global_rng_state() -> dict:

@@ -41,7 +41,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..config import Config
 from ..model.stability import step_bound_ratio
 from .data import DataBundle, iterate_batches, prepare_batch, to_model_input
-from .step import EpochStats, build_model, check_speed_options, new_step, seed_everything, split_results, to_fp32
+from .step import (EpochStats, build_model, check_speed_options, memory_statistics, new_step, seed_everything,
+                   split_results, to_fp32)
 
 # What may differ between members, and why each can:
 FUSIBLE_FIELDS = (
@@ -228,11 +229,11 @@ class FusedStack:
         zero = loss.detach().new_zeros(())
         return loss, {
             "correct": parts.get("correct", zero).to(zero.dtype), "recon": parts.get("recon_loss", zero),
-            "kl": parts.get("kl", zero), "max_w": out.max_w, "max_readout": out.max_readout,
-            "w_finite": out.memory.detach().isfinite().all(),
-            "bound_ratio": step_bound_ratio(self._rate("delta", params, buffers), self._rate("eta", params, buffers),
-                                            out.max_w, out.max_readout, bound=self.base.memory.bound,
-                                            memory_size=self.base.memory.memory_size),
+            "kl": parts.get("kl", zero), "w_finite": out.memory.detach().isfinite().all(), **memory_statistics(out),
+            "memory_bound_ratio": step_bound_ratio(  # the rates this forward pass used, before the step
+                self._rate("delta", params, buffers), self._rate("eta", params, buffers), out.max_abs_w,
+                out.max_readout, bound=self.base.memory.bound, memory_size=self.base.memory.memory_size,
+                glimpses=self.base.cfg.glimpses),
         }
 
     def _member_eval(self, params, buffers, x, x01, labels):

@@ -202,17 +202,15 @@ def epoch_record(monitor: StabilityMonitor, epoch: int, stats: EpochStats, *, st
     if heads.draws:
         record["recon_loss"] = float(stats.recon) / steps
         record["kl"] = float(stats.kl) / steps
-    max_w, max_readout = float(stats.max_w), float(stats.max_readout)
-    verdict = monitor.observe(
-        epoch, rates=rates, max_w=max_w, max_readout=max_readout, loss_finite=bool(stats.loss_finite),
-        grads_finite=bool(stats.grads_finite), w_finite=bool(stats.w_finite), bound_ratio=float(stats.bound_ratio),
-    )
-    diverged = monitor.diverged
-    if not diverged:
+    memory = {"max_abs_w": float(stats.max_abs_w), "max_readout": float(stats.max_readout),
+              "readout_dead": float(stats.readout_dead) / steps, "readout_saturated": float(stats.readout_saturated) / steps,
+              "memory_bound_ratio": float(stats.memory_bound_ratio)}
+    diverged = not (bool(stats.loss_finite) and bool(stats.grads_finite) and bool(stats.w_finite))
+    verdict = monitor.observe(epoch, rates=rates, diverged=diverged, memory=memory)
+    if not monitor.diverged:
         record.update(evaluate())
-    record.update(rates, lr=lr, max_w=max_w, max_readout=max_readout, peak_memory_mb=peak_memory_mb(device),
-                  stability_ok=verdict["ok"], stability_flags=verdict["failed"], diverged=diverged,
-                  stability=monitor.report())
+    record.update(rates, lr=lr, **memory, peak_memory_mb=peak_memory_mb(device), stability_ok=verdict["ok"],
+                  stability_flags=verdict["failed"], diverged=monitor.diverged, stability=monitor.report())
     return record
 
 

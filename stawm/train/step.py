@@ -72,37 +72,43 @@ class EpochStats:
     correct: torch.Tensor
     recon: torch.Tensor
     kl: torch.Tensor
-    max_w: torch.Tensor
+    readout_dead: torch.Tensor  # sum over steps of each step's fraction
+    readout_saturated: torch.Tensor
+    max_abs_w: torch.Tensor  # largest over steps
     max_readout: torch.Tensor
-    bound_ratio: torch.Tensor
-    loss_finite: torch.Tensor
+    memory_bound_ratio: torch.Tensor
+    loss_finite: torch.Tensor  # all steps
     grads_finite: torch.Tensor
     w_finite: torch.Tensor
+
+    SUMS = ("loss", "correct", "recon", "kl", "readout_dead", "readout_saturated")
+    MAXIMA = ("max_abs_w", "max_readout", "memory_bound_ratio")
+    ALL = ("loss_finite", "grads_finite", "w_finite")
 
     @classmethod
     def zeros(cls, device, members: int) -> "EpochStats":
         """Sums of nothing yet, for `members` members."""
-        z = torch.zeros(members, device=device)
-        t = torch.ones(members, dtype=torch.bool, device=device)
-        return cls(z, z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), z.clone(), t, t.clone(), t.clone())
+        return cls(**{name: torch.zeros(members, device=device) for name in cls.SUMS + cls.MAXIMA},
+                   **{name: torch.ones(members, dtype=torch.bool, device=device) for name in cls.ALL})
 
-    def fold(self, *, loss, correct, recon, kl, max_w, max_readout, bound_ratio, loss_finite, grads_finite,
-             w_finite) -> None:
-        """Add one step's numbers: scalars for one member, or (K,) for a stack."""
-        self.loss += loss
-        self.loss_finite &= loss_finite
-        self.grads_finite &= grads_finite
-        self.w_finite &= w_finite
-        self.correct += correct
-        self.recon += recon
-        self.kl += kl
-        self.max_w = torch.maximum(self.max_w, max_w)
-        self.max_readout = torch.maximum(self.max_readout, max_readout)
-        self.bound_ratio = torch.maximum(self.bound_ratio, bound_ratio)
+    def fold(self, **step) -> None:
+        """Add one step's numbers (every field by name): scalars for one member, or (K,) for a stack."""
+        for name in self.SUMS:
+            setattr(self, name, getattr(self, name) + step[name])
+        for name in self.MAXIMA:
+            setattr(self, name, torch.maximum(getattr(self, name), step[name]))
+        for name in self.ALL:
+            setattr(self, name, getattr(self, name) & step[name])
 
     def member(self, k: int) -> "EpochStats":
         """Member k's sums (scalars)."""
         return EpochStats(*(getattr(self, f.name)[k] for f in dataclasses.fields(self)))
+
+
+def memory_statistics(out) -> dict[str, torch.Tensor]:
+    """What a forward pass says of its memory, for `EpochStats.fold`."""
+    return {"max_abs_w": out.max_abs_w, "max_readout": out.max_readout, "readout_dead": out.readout_dead,
+            "readout_saturated": out.readout_saturated}
 
 
 def split_results(errors: torch.Tensor, recon: torch.Tensor, n: int, heads) -> list[dict[str, float]]:
@@ -205,15 +211,16 @@ class OneModel:
         loss.backward()
         grad_norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
         grads_finite = torch.stack(grad_norms).isfinite().all()  # before clipping hides an inf
+        memory = self.model.memory  # the bound with the rates this forward pass used: before the step moves them
+        ratio = step_bound_ratio(memory.delta, memory.eta, out.max_abs_w, out.max_readout, bound=memory.bound,
+                                 memory_size=memory.memory_size, glimpses=self.cfg.glimpses)
         clip_gradients(self.params, self.cfg)
         self.optimizer.step()
-        loss, memory = loss.detach(), self.model.memory
+        loss = loss.detach()
         stats.fold(loss=loss, loss_finite=loss.isfinite(), grads_finite=grads_finite,
                    w_finite=out.memory.detach().isfinite().all(), correct=parts.get("correct", 0),
-                   recon=parts.get("recon_loss", 0), kl=parts.get("kl", 0), max_w=out.max_w,
-                   max_readout=out.max_readout,
-                   bound_ratio=step_bound_ratio(memory.delta, memory.eta, out.max_w, out.max_readout,
-                                                bound=memory.bound, memory_size=memory.memory_size))
+                   recon=parts.get("recon_loss", 0), kl=parts.get("kl", 0), memory_bound_ratio=ratio,
+                   **memory_statistics(out))
 
     @torch.no_grad()
     def evaluate(self, split, data: DataBundle) -> list[dict[str, float]]:

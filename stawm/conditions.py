@@ -1,0 +1,67 @@
+"""Appendix A's conditions as ../shared/paper/NOTES.md states them, each with where it comes from.
+
+A condition is a prediction made from a configuration's activation and rates, before training and again
+on each epoch's rates when they learn. What happened to a run (it diverged, learned nothing, trained
+worse than the paper's rates) is an outcome, measured (`analysis/outcomes.py`); the two never share a flag.
+
+Sources:
+- `paper`: the paper states it (Appendix A's closing paragraph, or Section 3.1);
+- `paper (reading)`: the paper states it, but its symbols were lost in extraction; this is our reading;
+- `derived`: not in the paper; derived here (NOTES says how), and labelled so wherever it is shown.
+
+Informational conditions are reported but never flag a run. A run is flagged when any other condition
+fails, at the start or at any epoch; a flagged run is kept, in every mean.
+
+Plain Python (no torch): the runs check it while they train, the analysis re-checks recorded rates with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PAPER, READING, DERIVED = "paper", "paper (reading)", "derived"
+
+# sigma of the memory's layers I and II: (sigma(0), its upper bound Lambda). Nonnegative and bounded both.
+ACTIVATIONS = {"relu6": (0.0, 6.0), "sigmoid": (0.5, 1.0)}
+
+
+@dataclass(frozen=True)
+class Condition:
+    source: str  # PAPER, READING or DERIVED
+    asks: str
+    informational: bool = False  # reported, never flags a run
+
+
+CONDITIONS = {
+    "activation": Condition(PAPER, "sigma_I and sigma_II nonnegative and bounded (condition 2; ReLU6: 6, sigmoid: 1)"),
+    "stationary_input": Condition(PAPER, "memory input independent of recurrent outputs (condition 1): STAWM's "
+                                         "'where' pathway reads the emission LSTM, so never met", informational=True),
+    "rates": Condition(READING, "delta > 0, eta >= 0, theta >= 0 (condition 3, read from Eq. 15)"),
+    "writes": Condition(PAPER, "theta > 0 when sigma(0) = 0, since W starts at 0 (Section 3.1: with theta = 0 "
+                               "'nothing can be learned'; Eq. 15 from phi_0 = 0 stays at 0)"),
+    "eta_gt_delta": Condition(READING, "eta > delta (a guess at condition 3's lost comparison)", informational=True),
+    "decay": Condition(DERIVED, "0 < delta <= 1: the discrete update W <- (1 - delta) W + ... keeps W >= 0 and "
+                                "monotone, as the Appendix's argument needs (1 < delta < 2: bounded, alternating; "
+                                "delta >= 2: grows as |1 - delta|^N)"),
+}
+
+
+def check(activation: str, delta: float, eta: float, theta: float) -> dict[str, bool]:
+    """Every condition on one activation and one set of rates: name -> holds. A NaN or inf rate fails
+    every condition on the rates (it satisfies no comparison that means anything)."""
+    finite = all(math.isfinite(x) for x in (delta, eta, theta))
+    sigma_at_zero = ACTIVATIONS.get(activation, (0.0, math.inf))[0]
+    return {
+        "activation": activation in ACTIVATIONS,
+        "stationary_input": False,
+        "rates": finite and delta > 0 and eta >= 0 and theta >= 0,
+        "writes": finite and (theta > 0 or sigma_at_zero > 0),
+        "eta_gt_delta": finite and eta > delta,
+        "decay": finite and 0 < delta <= 1,
+    }
+
+
+def failed(checks: dict[str, bool]) -> list[str]:
+    """The conditions that flag a run (not informational) and fail, in table order."""
+    return [name for name, c in CONDITIONS.items() if not c.informational and not checks.get(name, True)]
