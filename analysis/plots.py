@@ -42,25 +42,26 @@ def ablation_fields() -> tuple[str, ...]:
 
 
 def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_expected: int | None = None,
-                  include_flagged: bool = False, hue: str | None = None, *, ax: Axes | None = None) -> Figure:
+                  exclude_flagged: bool = False, hue: str | None = None, *, ax: Axes | None = None) -> Figure:
     """`metric` against config field `x`: mean ± std (ddof=1) over seeds, with every seed's point.
 
     `x` is categorical, one tick per value the runs have. `hue` (another swept field) draws one
     series per value, side by side, so that different configurations are not pooled. Flagged runs
-    left out of the statistics are still drawn, as crosses; a configuration short of
+    count like any other (the title says how many) unless `exclude_flagged`, which draws them as
+    crosses left out of the statistics; a configuration short of
     `seeds_expected` seeds is labelled n=k/N. Given `ax`, it draws there (one panel of the caller's
     figure, which the caller lays out) and returns that figure; otherwise a figure of its own.
     """
     from matplotlib.lines import Line2D
 
     metric = metric or schema.TEST_ERROR
-    agg = aggregate(runs, [x] + ([hue] if hue else []), metric, seeds_expected, include_flagged)
+    agg = aggregate(runs, [x] + ([hue] if hue else []), metric, seeds_expected, exclude_flagged)
     label, scale = style.metric_label(metric)
     order = style.ordered_text(agg[x])
     levels = style.ordered_text(agg[hue]) if hue else [None]
     colors = style.palette(max(len(levels), 2))
     finite = np.isfinite(runs[metric].astype(float))
-    used = included(runs, include_flagged) & finite
+    used = included(runs, exclude_flagged) & finite
     left_out = ~used & finite & runs["flagged"].astype(bool)
     data = pd.DataFrame({"x": runs[x].map(cell_text), "y": runs[metric].astype(float) * scale,
                          "hue": runs[hue].map(cell_text) if hue else ""})
@@ -85,7 +86,10 @@ def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_e
     spread = spread_phrase(agg, "n=k/N where fewer")
     if seeds_expected is not None and not agg["complete"].all():
         spread += " (n=k/N where fewer)"
-    style.title(ax, f"{label} against {x}\n{spread}; dots: seeds")
+    flagged = int(runs["flagged"].astype(bool).sum())
+    counted = (f"; {flagged} flagged runs left out (crosses)" if exclude_flagged and flagged else
+               f"; {flagged} of {len(runs)} runs flagged, all counted" if flagged else "")
+    style.title(ax, f"{label} against {x}\n{spread}; dots: seeds{counted}")
     return style.finish(fig) if own else fig
 
 
@@ -141,7 +145,7 @@ def _label_short(ax, agg: pd.DataFrame, x: str, hue: str | None, order: list[str
 
 
 def ablation_figures(runs: pd.DataFrame, fields: Sequence[str], metric: str | None = None,
-                     seeds_expected: int | None = None, include_flagged: bool = False,
+                     seeds_expected: int | None = None, exclude_flagged: bool = False,
                      swept: Sequence[str] = ()) -> dict[str, Figure]:
     """`plot_ablation` for each field, named "ablation_<field>"; the other `swept` field (if any) is the
     hue, so that configurations differing in it are not pooled. A study sweeping three fields or more
@@ -151,7 +155,7 @@ def ablation_figures(runs: pd.DataFrame, fields: Sequence[str], metric: str | No
         return figures
     for f in fields:
         hue = next((s for s in swept if s != f), None)
-        figures[f"ablation_{f}"] = plot_ablation(runs, f, metric, seeds_expected, include_flagged, hue)
+        figures[f"ablation_{f}"] = plot_ablation(runs, f, metric, seeds_expected, exclude_flagged, hue)
     return figures
 
 
@@ -159,20 +163,20 @@ def ablation_figures(runs: pd.DataFrame, fields: Sequence[str], metric: str | No
 
 
 def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.DataFrame | None = None,
-                include_flagged: bool = False) -> Figure:
+                exclude_flagged: bool = False) -> Figure:
     """Mean curve over seeds with a ±std (ddof=1) band (bars for a single epoch), one per configuration.
 
     `by` names runs columns (config fields) that tell configurations apart: the first sets the
     colour, a second the line style, three or more one colour per combination. `runs` supplies
-    them when the history lacks them, and drops flagged runs unless `include_flagged`.
+    them when the history lacks them, and drops flagged runs when `exclude_flagged`.
     """
     import seaborn as sns
 
     by = [by] if isinstance(by, str) else list(by)
     if runs is not None and len(by) > 2:  # too many lines for a band and a legend each
-        return _curve_per_configuration(history, by, runs, include_flagged)
+        return _curve_per_configuration(history, by, runs, exclude_flagged)
     if runs is not None:
-        keep = runs if include_flagged else runs[~runs["flagged"].astype(bool)]
+        keep = runs[~runs["flagged"].astype(bool)] if exclude_flagged else runs
         history = history.merge(keep[["run_id"] + [c for c in by if c not in history]], on="run_id")
     metric = history["metric"].iloc[0] if len(history) else "value"
     label, scale = style.metric_label(metric)
@@ -203,7 +207,7 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
         ax.text(0.5, 0.5, "no history", transform=ax.transAxes, ha="center")
     style.epochs_axis(ax, data["step"])
     ax.set_ylabel(label)
-    left = "" if include_flagged or runs is None else "; flagged runs left out"
+    left = "; flagged runs left out" if exclude_flagged and runs is not None else ""
     style.title(ax, (f"{label}: 1 seed per line{left}" if seeds == "1"  # a line per run: no spread to show
                      else f"{label}: mean ± std (ddof=1) over {seeds} seeds per line{left}"))
     if ax.get_legend() is not None:  # seaborn's, titled by the field(s): smaller, not rebuilt
@@ -212,12 +216,12 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
 
 
 def _curve_per_configuration(history: pd.DataFrame, by: list[str], runs: pd.DataFrame,
-                             include_flagged: bool) -> Figure:
+                             exclude_flagged: bool) -> Figure:
     """The mean curve of every configuration of three or more swept fields as a thin line, coloured by
     the first field: a band and a legend entry per configuration would cover the plot."""
     import seaborn as sns
 
-    keep = runs if include_flagged else runs[~runs["flagged"].astype(bool)]
+    keep = runs[~runs["flagged"].astype(bool)] if exclude_flagged else runs
     data = history.merge(keep[["run_id", *by]], on="run_id")
     label, scale = style.metric_label(data["metric"].iloc[0] if len(data) else "value")
     means = data.groupby([*by, "step"], dropna=False)["value"].mean().mul(scale).reset_index(name="y")
@@ -231,7 +235,7 @@ def _curve_per_configuration(history: pd.DataFrame, by: list[str], runs: pd.Data
     ax.set_ylabel(label)
     seeds = data.groupby(by, dropna=False)["run_id"].nunique()
     n = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
-    left = "" if include_flagged else ", flagged runs left out"
+    left = ", flagged runs left out" if exclude_flagged else ""
     style.title(ax, f"{label}: {means['configuration'].nunique()} configurations of {', '.join(by)}, each the "
                     f"mean over {n} seeds{left}; colour: {by[0]}")
     sns.move_legend(ax, "best", fontsize=7, title_fontsize=7)

@@ -10,9 +10,12 @@ writes into DIR:
 - summary.csv: one row per configuration: the swept fields, n, test_error_mean, test_error_std
   (fractions as logged, ddof=1), flagged, complete; runs.csv: one row per trial;
 - ablation_<field>.png/.svg for each swept field; curves_test_error.png/.svg (mean ± std band);
-  for memory-rate studies stability_map.png/.svg and error_heatmaps.png/.svg, and
-  rate_trajectories.png/.svg when some runs
-  learned their rates;
+- for memory-rate studies: predictions.md/.csv (for each Appendix A condition, its source and, for each
+  measured outcome, the 2x2 counts with precision and recall; the rules in analysis/outcomes.py),
+  condition_map and outcome_map, error_heatmaps (linear per theta, the `degraded` threshold marked),
+  error_by_rate, memory_state (read-outs at 0 and at Lambda, max |W|), and rate_trajectories when some
+  runs learned their rates (.png/.svg each);
+every mean counts every run, flagged ones included, unless --exclude-flagged (the captions say which);
 then logs them under "report/" as artifacts of the study's parent run (not from shipped results).
 Swept fields are the parent's swept param, else the config fields that vary across trials.
 Everything is computed before the first file is written, and each file is written whole, so a
@@ -47,8 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="metric to tabulate and plot, the final value of each run (default: the test error)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds each configuration should have (default: the parent run's seeds param)")
-    p.add_argument("--include-flagged", action="store_true",
-                   help="keep runs that broke the Appendix A conditions in the statistics (they are always counted)")
+    p.add_argument("--exclude-flagged", action="store_true",
+                   help="leave runs that broke an Appendix A condition out of the means (default: every run counts; "
+                        "the flagged column counts them either way, and the captions say which was used)")
+    p.add_argument("--degraded-factor", type=float, default=None, metavar="X",
+                   help="a run is `degraded` when its final error is at least X times the study's paper-rate "
+                        "configuration's mean (default: analysis/outcomes.py's DEGRADED_FACTOR)")
     p.add_argument("--baseline", default=None, metavar="FIELD=VALUE[,FIELD=VALUE]",
                    help="configuration the table's Welch t-test p-values compare against, e.g. learnable_rates=False")
     p.add_argument("--published", choices=("auto", "on", "off"), default="auto",
@@ -91,7 +98,7 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
     from stawm import schema
     from stawm.config import field_types
 
-    from . import plots, source, stability_plots, stats, store, tables
+    from . import outcomes, plots, recheck, source, stability_plots, stats, store, tables
 
     study = source.open_study(args.study, args.tracking_uri, results=args.results, cache_dir=args.cache_dir)
     runs, info = study.runs, study.info
@@ -115,7 +122,7 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
         per_config = runs.groupby(swept) if swept else runs.groupby(lambda _: 0)
         by += [f for f in tables.MATCH_FIELDS if f not in by and per_config[f].nunique(dropna=False).max() == 1]
         published = set(tables.MATCH_FIELDS) <= set(by)
-    agg = stats.aggregate(runs, by, metric, seeds, args.include_flagged)
+    agg = stats.aggregate(runs, by, metric, seeds, args.exclude_flagged)
     try:
         table = tables.format_table(agg, swept or [f for f in by if f in tables.MATCH_FIELDS] or None,
                                     published=tables.PUBLISHED if published else None, baseline=baseline)
@@ -123,23 +130,35 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
         raise BadInput(f"--baseline: {err}; name values of the swept fields {swept}") from None
     columns = ["run_id", "status", "seed", *swept, metric, schema.BEST_TEST_ERROR, "stability_ok", "flags", "diverged"]
     files = {"table.md": table.markdown, "table.tex": table.latex,
-             "summary.csv": tables.summary(stats.aggregate(runs, swept, metric, seeds, args.include_flagged)),
+             "summary.csv": tables.summary(stats.aggregate(runs, swept, metric, seeds, args.exclude_flagged)),
              "runs.csv": runs[list(dict.fromkeys(c for c in columns if c in runs))]}
 
-    figures = plots.ablation_figures(runs, swept, metric, seeds, args.include_flagged, swept=swept)
+    figures = plots.ablation_figures(runs, swept, metric, seeds, args.exclude_flagged, swept=swept)
     if not args.no_curves:
         history = study.history([metric])
         if len(history):
-            figures[f"curves_{metric}"] = plots.plot_curves(history, swept, runs, args.include_flagged)
+            figures[f"curves_{metric}"] = plots.plot_curves(history, swept, runs, args.exclude_flagged)
     if set(swept) & set(stats.rate_fields()):
-        figures["stability_map"] = stability_plots.plot_stability_map(runs)
-        figures["error_heatmaps"] = stability_plots.plot_error_heatmaps(runs, metric)
+        factor = outcomes.DEGRADED_FACTOR if args.degraded_factor is None else args.degraded_factor
+        measured = outcomes.measure(runs, factor, metric=metric)
+        first = recheck.condition_epochs(runs, study.stability(), study.history(schema.RATE_METRICS))
+        predictions = outcomes.prediction_table(first, measured, runs.set_index("run_id")["flagged"])
+        reference = outcomes.paper_reference(runs, metric)
+        files["predictions.csv"] = predictions
+        files["predictions.md"] = tables.format_predictions(predictions, outcomes.rules(runs, factor, reference))
+        figures["condition_map"] = stability_plots.plot_condition_map(runs)
+        figures["outcome_map"] = stability_plots.plot_outcome_map(runs, measured)
+        figures["error_heatmaps"] = stability_plots.plot_error_heatmaps(
+            runs, metric, factor * reference if reference == reference else None)  # NaN: no paper-rate runs
+        figures["error_by_rate"] = stability_plots.plot_error_by_rate(runs, metric)
+        if set(stability_plots.MEMORY_STATE) <= set(runs.columns):
+            figures["memory_state"] = stability_plots.plot_memory_state(runs)
         trained = stats.learnable(runs)
         if len(trained):
             rates = study.history(schema.RATE_METRICS)
             rates = rates[rates["run_id"].isin(trained["run_id"])]
             if len(rates):
-                figures["rate_trajectories"] = stability_plots.plot_rate_trajectories(rates, runs)
+                figures["rate_trajectories"] = stability_plots.plot_rate_trajectories(rates, runs, measured)
     files.update(figures)
     return files, info.parent_run_id
 

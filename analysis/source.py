@@ -25,7 +25,8 @@ from . import store
 
 RUNS, HISTORY, STABILITY, STUDY = "runs.csv", "history.csv.gz", "stability.csv", "study.json"  # export.py's files
 BOOLEAN_COLUMNS = ("stability_ok", "flagged", "static_ok", "diverged")
-STABILITY_COLUMNS = {"run_id": "str", "condition": "str", "kind": "str", "ok": "bool", "first_failed_epoch": "float64"}
+STABILITY_COLUMNS = {"run_id": "str", "condition": "str", "source": "str", "ok": "bool",
+                     "first_failed_epoch": "float64"}
 
 
 class MlflowStudy:
@@ -86,7 +87,7 @@ class ExportedStudy:
         return frame.reset_index(drop=True)[list(store.HISTORY_COLUMNS)]
 
     def stability(self) -> pd.DataFrame:
-        frame = pd.read_csv(self.folder / STABILITY, dtype={"run_id": str, "condition": str, "kind": str})
+        frame = pd.read_csv(self.folder / STABILITY, dtype={"run_id": str, "condition": str, "source": str})
         return stability_frame(frame.to_dict("records"))
 
     @property
@@ -115,7 +116,7 @@ def typed_runs(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def stability_rows(run_id: str, report: dict) -> list[dict]:
-    return [{"run_id": run_id, "condition": name, "kind": c["kind"], "ok": bool(c["ok"]),
+    return [{"run_id": run_id, "condition": name, "source": c["source"], "ok": bool(c["ok"]),
              "first_failed_epoch": c["first_failed_epoch"]} for name, c in report["conditions"].items()]
 
 

@@ -1,9 +1,9 @@
 """Statistics over seeds: pure functions from runs (the shape in store.py) to small tables.
 
 `aggregate` is the one grouping every table and plot shows: one row per configuration, mean and
-std (ddof=1) over its seeds, with the runs it left out counted. The Appendix A outcome of each run
-and how the failed conditions co-occur with divergence are here too. Intervals and tests are in
-uncertainty.py; nothing here reads MLflow or draws.
+std (ddof=1) over its seeds, every run counted (flagged ones too, unless asked otherwise). What
+happened to each run and how the Appendix A conditions predicted it: outcomes.py. Intervals and
+tests are in uncertainty.py; nothing here reads MLflow or draws.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .uncertainty import bootstrap_ci, finite, sem
 
 STAT_COLUMNS = ["n", "mean", "std", "sem", "min", "max", "flagged", "unfinished", "complete",
                 "seeds_used", "values"]
-OUTCOMES = ("passed", "flagged during training", "flagged before training", "diverged")
 
 
 def rate_fields() -> tuple[str, ...]:
@@ -39,10 +38,11 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
 
 
-def included(runs: pd.DataFrame, include_flagged: bool = False, include_unfinished: bool = False) -> pd.Series:
-    """Which runs enter the statistics: by default FINISHED and not flagged."""
+def included(runs: pd.DataFrame, exclude_flagged: bool = False, include_unfinished: bool = False) -> pd.Series:
+    """Which runs enter the statistics: by default every FINISHED run, flagged ones included (a flag is a
+    prediction; leaving flagged runs out would hide what it predicted)."""
     keep = pd.Series(True, index=runs.index)
-    if not include_flagged:
+    if exclude_flagged:
         keep &= ~runs["flagged"].astype(bool)
     if not include_unfinished:
         keep &= runs["status"] == "FINISHED"
@@ -50,25 +50,25 @@ def included(runs: pd.DataFrame, include_flagged: bool = False, include_unfinish
 
 
 def aggregate(runs: pd.DataFrame, by: Sequence[str] | None = None, metric: str | None = None,
-              seeds_expected: int | None = None, include_flagged: bool = False,
+              seeds_expected: int | None = None, exclude_flagged: bool = False,
               include_unfinished: bool = False, ci: float | None = None) -> pd.DataFrame:
     """One row per configuration (the runs grouped by the `by` fields, i.e. without the seed).
 
     `by=None` groups by every varying config field; `metric` defaults to the test error. Columns:
     the `by` fields, then `n` (runs in the statistics with a finite metric), `mean`, `std`
-    (ddof=1, NaN for n=1), `sem`, `min`, `max`, `flagged` (flagged runs in the group, counted even
-    when left out), `unfinished` (runs not FINISHED, left out unless `include_unfinished`),
+    (ddof=1, NaN for n=1), `sem`, `min`, `max`, `flagged` (flagged runs in the group, whether
+    or not they are in the statistics), `unfinished` (runs not FINISHED, left out unless `include_unfinished`),
     `complete` (n >= seeds_expected; when `seeds_expected` is None, n equals the largest n of any
     group), `seeds_used` and `values` (the seeds and metric values used, by seed), and with `ci` (e.g.
-    0.95) `ci_low`, `ci_high` of a bootstrap of the mean. Flagged runs are left out of the
-    statistics unless `include_flagged`. Settings are kept in `.attrs` (metric, by,
-    seeds_expected, include_flagged) for the tables.
+    0.95) `ci_low`, `ci_high` of a bootstrap of the mean. Flagged runs count in the statistics
+    unless `exclude_flagged`. Settings are kept in `.attrs` (metric, by, seeds_expected,
+    exclude_flagged) for the tables.
     """
     by = varying_fields(runs) if by is None else list(by)
     metric = metric or schema.TEST_ERROR
     if metric not in runs:
         raise KeyError(f"no run logged the metric {metric!r}")
-    keep = included(runs, include_flagged, include_unfinished)
+    keep = included(runs, exclude_flagged, include_unfinished)
     groups = runs.groupby(by, dropna=False, sort=True) if by else [((), runs)]
     others = [f for f in field_types() if f in runs and f not in by and f != "seed"]
     rows, mixed = [], set()
@@ -93,94 +93,10 @@ def aggregate(runs: pd.DataFrame, by: Sequence[str] | None = None, metric: str |
     agg = pd.DataFrame(rows)
     target = seeds_expected if seeds_expected is not None else agg["n"].max()
     agg.insert(agg.columns.get_loc("unfinished") + 1, "complete", agg["n"] >= target)
-    agg.attrs.update(metric=metric, by=by, seeds_expected=seeds_expected, include_flagged=include_flagged)
+    agg.attrs.update(metric=metric, by=by, seeds_expected=seeds_expected, exclude_flagged=exclude_flagged)
     return agg
-
-
-# --- the Appendix A outcome of each run -----------------------------------------------------------
-
-
-def outcome(runs: pd.DataFrame) -> pd.Series:
-    """Each run's Appendix A outcome, one of OUTCOMES (divergence first, then the static verdict)."""
-    return pd.Series(np.select(
-        [runs["diverged"].astype(bool), ~runs["static_ok"].astype(bool), runs["flagged"].astype(bool)],
-        ["diverged", "flagged before training", "flagged during training"], "passed"), index=runs.index)
-
-
-def outcome_table(runs: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
-    """Number of runs of each outcome (columns OUTCOMES) per configuration of the `by` fields
-    (default: the rate fields)."""
-    by = list(rate_fields() if by is None else by)
-    counts = runs.assign(outcome=pd.Categorical(outcome(runs), OUTCOMES)).groupby(
-        by, dropna=False, observed=True)["outcome"].value_counts().unstack(fill_value=0)
-    counts = counts.reindex(columns=list(OUTCOMES), fill_value=0).reset_index()
-    counts.columns.name = None
-    return counts
-
-
-def flag_divergence(runs: pd.DataFrame) -> pd.DataFrame:
-    """Which Appendix A conditions co-occur with divergence: one row per failed condition.
-
-    Columns: flag, runs (runs that failed it), diverged (of those), diverged_fraction; a last
-    row "(none)" counts runs without any failed condition.
-    """
-    flag_sets = runs["flags"].fillna("").map(lambda s: {f.strip() for f in s.split(",") if f.strip()})
-    rows = []
-    for flag in sorted(set().union(*flag_sets)) + ["(none)"]:
-        has = flag_sets.map(lambda s: not s if flag == "(none)" else flag in s)
-        n, d = int(has.sum()), int((has & runs["diverged"]).sum())
-        rows.append(dict(flag=flag, runs=n, diverged=d, diverged_fraction=d / n if n else math.nan))
-    return pd.DataFrame(rows)
 
 
 def learnable(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that trained their memory rates (`learnable_rates`)."""
     return runs[runs["learnable_rates"].fillna(False).astype(bool)]
-
-
-# --- do the Appendix A conditions predict which runs fail to train? ---------------------------------
-
-
-def failed_to_train(runs: pd.DataFrame, threshold: float, metric: str | None = None) -> pd.Series:
-    """True where a run diverged, or its final `metric` is above `threshold` (a fraction) or missing."""
-    errors = runs[metric or schema.TEST_ERROR].astype(float)
-    return runs["diverged"].astype(bool) | ~(errors <= threshold)  # NaN compares False: counted as failed
-
-
-def first_failed(stability: pd.DataFrame) -> pd.DataFrame:
-    """The long stability frame (source.py) as one row per run, one column per condition: the epoch it
-    first failed (0: before training), NaN where it never did."""
-    wide = stability.pivot(index="run_id", columns="condition", values="first_failed_epoch")
-    wide.columns.name = None
-    return wide
-
-
-def contingency(flagged: pd.Series, failed: pd.Series) -> pd.DataFrame:
-    """Counts of runs, flagged or not against failed to train or not, with totals (a 3 x 3 table)."""
-    table = pd.crosstab(flagged.map({True: "flagged", False: "not flagged"}),
-                        failed.map({True: "failed to train", False: "trained"}), margins=True, margins_name="total")
-    order = [r for r in ("flagged", "not flagged", "total") if r in table.index]
-    columns = [c for c in ("failed to train", "trained", "total") if c in table.columns]
-    table = table.reindex(index=order, columns=columns, fill_value=0)
-    table.index.name, table.columns.name = None, None
-    return table
-
-
-def condition_table(first: pd.DataFrame, failed: pd.Series, kinds: dict[str, str]) -> pd.DataFrame:
-    """Per Appendix A condition: how many runs it flagged (before or during training), how many of those
-    failed to train (precision), and how many failed runs it caught (recall).
-
-    first: `first_failed` (index run_id); failed: by run_id; kinds: condition -> static/runtime/informational.
-    """
-    failed = failed.reindex(first.index).astype(bool)
-    rows = []
-    for condition in first.columns:
-        epochs = first[condition]
-        hit = epochs.notna()
-        rows.append(dict(condition=condition, kind=kinds.get(condition, ""), flagged=int(hit.sum()),
-                         before_training=int((epochs == 0).sum()), during_training=int((epochs > 0).sum()),
-                         flagged_and_failed=int((hit & failed).sum()),
-                         failed_not_flagged=int((~hit & failed).sum()),
-                         precision=float((hit & failed).sum() / hit.sum()) if hit.any() else math.nan,
-                         recall=float((hit & failed).sum() / failed.sum()) if failed.any() else math.nan))
-    return pd.DataFrame(rows)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .stats import OUTCOMES
+from .outcomes import KINDS
 from .tables import cell_text, is_percent
 
 if TYPE_CHECKING:
@@ -28,9 +28,19 @@ def palette(n: int) -> list:
 
 
 def outcome_colors() -> dict:
-    """A colour per Appendix A outcome, the same in every figure (passed green, diverged red)."""
+    """A colour per measured outcome (outcomes.KINDS), the same in every figure: trained green, degraded
+    orange, no learning purple, diverged red."""
     c = palette(8)
-    return dict(zip(OUTCOMES, (c[2], c[1], c[4], c[3])))
+    return dict(zip(KINDS, (c[3], c[4], c[1], c[2])))
+
+
+def condition_colors(names) -> dict:
+    """A colour per set of failed conditions (as text, "none" first), grey for none."""
+    import seaborn as sns
+
+    names = list(names)
+    c = sns.color_palette("Set2", max(len(names), 2))  # not the outcomes' palette: a prediction is no outcome
+    return {name: ("0.6" if name == "none" else c[i % len(c)]) for i, name in enumerate(names)}
 
 
 def figure(ncols: int = 1, width: float = 4.8, height: float = 3.6, sharey: bool = False):

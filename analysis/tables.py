@@ -220,8 +220,8 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
         bold = {n_label} if best is not None and r["mean"] == best else set()
         rows.append((cells, bold))
 
-    flagged = ("flagged runs (Appendix A) included" if agg.attrs.get("include_flagged")
-               else "flagged runs (Appendix A) left out")
+    flagged = ("flagged runs (Appendix A) left out of the statistics, counted in `flagged`"
+               if agg.attrs.get("exclude_flagged") else "flagged runs (Appendix A) included in the statistics")
     text = caption or (
         f"{metric}" + (" in %" if percent else "") + f": {spread_phrase(agg)}; {flagged}"
         + (f"; rows short of {seeds_phrase(expected)} are marked incomplete" if expected is not None else "")
@@ -255,7 +255,7 @@ def _describe(agg: pd.DataFrame, columns: Sequence[str], row: int) -> str:
     return ", ".join(f"{c}={cell_text(r[c])}" for c in columns) or f"row {row}"
 
 
-def table1(runs: pd.DataFrame, seeds_expected: int | None = None, include_flagged: bool = False,
+def table1(runs: pd.DataFrame, seeds_expected: int | None = None, exclude_flagged: bool = False,
            baseline: dict | None = None) -> dict[str, Table]:
     """Table 1(a) (classification) and 1(b) (self-supervised) from the runs, beside the paper.
 
@@ -263,7 +263,7 @@ def table1(runs: pd.DataFrame, seeds_expected: int | None = None, include_flagge
     Adversarial, Virtual Adversarial, Ladder) and the paper's STAWM rows that the runs do not
     reproduce are quoted as published rows.
     """
-    agg = aggregate(runs, list(MATCH_FIELDS), seeds_expected=seeds_expected, include_flagged=include_flagged)
+    agg = aggregate(runs, list(MATCH_FIELDS), seeds_expected=seeds_expected, exclude_flagged=exclude_flagged)
     tables = {}
     for name, task in (("1a", "classify"), ("1b", "selfsup")):
         part = agg[agg["task"] == task].reset_index(drop=True)
@@ -278,7 +278,8 @@ def table1(runs: pd.DataFrame, seeds_expected: int | None = None, include_flagge
 
 def summary(agg: pd.DataFrame) -> pd.DataFrame:
     """The CSV form of an `aggregate` table: by fields (tuples as "[64, 128]"), n,
-    <metric>_mean, <metric>_std (fractions as logged, ddof=1), flagged, complete."""
+    <metric>_mean, <metric>_std (fractions as logged, ddof=1), flagged, complete, and
+    flagged_in_statistics (whether n and the mean count the flagged runs: the default)."""
     metric = agg.attrs.get("metric") or schema.TEST_ERROR
     by = agg.attrs.get("by", [])
     out = agg[by].copy()
@@ -288,4 +289,23 @@ def summary(agg: pd.DataFrame) -> pd.DataFrame:
     out["n"] = agg["n"]
     out[f"{metric}_mean"], out[f"{metric}_std"] = agg["mean"], agg["std"]
     out["flagged"], out["complete"] = agg["flagged"], agg["complete"]
+    out["flagged_in_statistics"] = not agg.attrs.get("exclude_flagged", False)  # what n and the mean hold
     return out
+
+
+def format_predictions(predictions: pd.DataFrame, rules: str) -> str:
+    """Markdown of `outcomes.prediction_table`: per condition (its source) and outcome, the 2x2 counts,
+    precision and recall; `rules` (`outcomes.rules`) is the caption's second half."""
+    header = ["condition", "source", "outcome", "flagged & outcome", "flagged, no outcome", "outcome, not flagged",
+              "neither", "precision", "recall"]
+    lines = [f"Table: how well each Appendix A condition (a prediction) foretells each measured outcome: 2x2 counts "
+             f"of runs, precision = outcome among flagged, recall = flagged among outcome (— where nothing to "
+             f"divide); informational conditions never flag a run and are shown for comparison; {rules}.", "",
+             "| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * 6]
+    for r in predictions.to_dict("records"):
+        name = f"{r['condition']} (informational)" if r["informational"] else r["condition"]
+        cells = [name, r["source"], r["outcome"], *(str(r[k]) for k in ("flagged_and_outcome", "flagged_no_outcome",
+                                                                        "outcome_not_flagged", "neither")),
+                 *("—" if math.isnan(r[k]) else f"{r[k]:.2f}" for k in ("precision", "recall"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -90,9 +90,12 @@ class Config:
     # output padding that gives back each glimpse-CNN side, so the sketch is S_g x S_g (paper); False: none
     # (authors' CelebA: 31x31)
     decoder_output_padding: bool = True
-    # eval mode samples z and the Concrete mask as training does (authors' code; the paper shows sampled masks);
-    # False: mu and the mask's probability
+    # eval mode samples z as training does (authors' MNIST drawing scripts); False: z = mu (authors' CelebA
+    # script: its `sample` returns mu outside training)
     eval_sample: bool = True
+    # eval mode samples the Concrete mask of a Bernoulli canvas (authors' code, CelebA too; the paper shows
+    # sampled masks); False: the mask's probability
+    eval_sample_mask: bool = True
     nll_reduction: str = "mean"  # classification loss over the batch: mean | sum (authors' sketchpad)
     class_loss_scale: float = 1.0  # sketchpad: scale of the classification loss
     draw_loss_scale: float = 1.0  # sketchpad: scale of the drawing loss
@@ -221,7 +224,8 @@ AUTHORS_CODE: dict[str, dict] = {
     "mnist-draw-8": dict(decoder_order="forward"),  # stride-1 layer first: a 10 x 10 sketch
     "mnist-sketchpad": dict(glimpse_channels=(64, 128), glimpse_strides=(1, 2), decoder_order="forward"),  # as draw-8
     "celeba-draw-32": dict(dropout=0.5, lr=1e-4, lr_schedule="constant", epochs=100,  # Memory's default dropout
-                           decoder_output_padding=False),  # 4 -> 8 -> 16 -> 32 -> 31
+                           decoder_output_padding=False,  # 4 -> 8 -> 16 -> 32 -> 31
+                           eval_sample=False),  # z = mu in eval (their `sample`), the mask still sampled
 }
 
 

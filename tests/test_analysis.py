@@ -7,11 +7,11 @@ here, so every statistic below is checked against numbers worked by hand.
 Study "table" (seeds=5, swept=preset):
   A  mnist-class-8  (S_g=8, N=8):   seeds 0-4 finished, 0.0040 0.0042 0.0038 0.0045 0.0041
   B  mnist-class-28 (S_g=28, N=10): seeds 0-2 finished, 0.0050 0.0054 0.0049;
-                                    seed 3 finished but flagged ("bound"), 0.0300;
+                                    seed 3 finished but flagged ("rates"), 0.0300;
                                     seed 4 still RUNNING (0.0100 after epoch 1)
 Study "rates" (seeds=2, swept=delta,learnable_rates, preset tiny): delta in {0.2, 1.5} x
   learnable_rates in {False, True} x seeds {0, 1}; delta=1.5 fails `decay` before training, and
-  (delta=1.5, fixed, seed 1) diverges: FAILED, last test_error NaN.
+  (delta=1.5, fixed, seed 1) diverges (an outcome, no flag of its own): FAILED, last test_error NaN.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from stawm import schema
-from stawm.analysis import files, plots, stability_plots, stats, store, tables, uncertainty
+from stawm.analysis import files, outcomes, plots, stability_plots, stats, store, tables, uncertainty
 from stawm.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def build_store(root: Path, table_only: bool = False) -> dict:
     for seed, err in enumerate(B + [B_FLAGGED]):
         flagged = seed == 3
         ids[f"B{seed}"] = _trial(client, exp, parent, "table", preset("mnist-class-28", seed=seed),
-                                 [3 * err, 1.5 * err, err], t, ok=not flagged, flags="bound" if flagged else "")
+                                 [3 * err, 1.5 * err, err], t, ok=not flagged, flags="rates" if flagged else "")
         t += 1
     ids["B4"] = _trial(client, exp, parent, "table", preset("mnist-class-28", seed=4), [0.0100], t, status="RUNNING")
     t += 1
@@ -104,7 +104,7 @@ def build_store(root: Path, table_only: bool = False) -> dict:
                 finals = [0.5, math.nan] if diverged else [0.4, 0.3, 0.2 + 0.01 * seed + (0.1 if bad else 0)]
                 ids[f"r{delta}-{learn}-{seed}"] = _trial(
                     client, exp, parent, "rates", cfg, finals, t, status="FAILED" if diverged else "FINISHED",
-                    ok=not bad, flags="decay,finite" if diverged else "decay" if bad else "",
+                    ok=not bad, flags="decay" if bad else "",
                     static_ok=not bad, diverged=diverged,
                     rates=dict(zip(schema.RATE_METRICS, (delta, cfg.eta, cfg.theta))) if learn else None)
                 t += 1
@@ -148,7 +148,7 @@ def test_load_runs_one_row_per_trial_with_typed_config(table_runs, hand_store):
     assert list(runs[schema.TEST_ERROR].iloc[:5]) == A
     assert list(runs["status"]) == ["FINISHED"] * 9 + ["RUNNING"]
     assert list(runs["flagged"]) == [False] * 8 + [True, False]
-    assert runs.iloc[8]["flags"] == "bound" and runs.iloc[8]["stability_ok"] == False  # noqa: E712
+    assert runs.iloc[8]["flags"] == "rates" and runs.iloc[8]["stability_ok"] == False  # noqa: E712
     assert runs.iloc[0][schema.BEST_TEST_ERROR] == 0.0040
     assert runs.iloc[0][schema.TRAIN_LOSS] == pytest.approx(2 / 3)
     assert runs["parent_run_id"].eq(hand_store["ids"]["table"]).all()
@@ -254,12 +254,13 @@ def test_aggregate_by_hand(table_runs):
     assert a["n"] == 5 and a["mean"] == pytest.approx(A_MEAN) and a["std"] == pytest.approx(A_STD, rel=1e-9)
     assert a["sem"] == pytest.approx(A_SEM, rel=1e-6) and (a["min"], a["max"]) == (0.0038, 0.0045)
     assert a["flagged"] == 0 and a["complete"] and a["seeds_used"] == (0, 1, 2, 3, 4)
-    # B: the flagged seed 3 is left out but counted; the running seed 4 is left out: 3 of 5
-    assert b["n"] == 3 and b["mean"] == pytest.approx(B_MEAN) and b["std"] == pytest.approx(B_STD, rel=1e-9)
-    assert b["flagged"] == 1 and b["unfinished"] == 1 and not b["complete"] and b["seeds_used"] == (0, 1, 2)
-    both = stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5, include_flagged=True).iloc[1]
-    assert both["n"] == 4 and both["mean"] == pytest.approx(BF_MEAN) and both["std"] == pytest.approx(BF_STD, rel=1e-9)
-    assert both["flagged"] == 1 and not both["complete"]
+    # B: every finished seed counts, the flagged seed 3 too; the running seed 4 is left out: 4 of 5
+    assert b["n"] == 4 and b["mean"] == pytest.approx(BF_MEAN) and b["std"] == pytest.approx(BF_STD, rel=1e-9)
+    assert b["flagged"] == 1 and b["unfinished"] == 1 and not b["complete"] and b["seeds_used"] == (0, 1, 2, 3)
+    # asked to, the flagged seed is left out of the statistics but still counted in `flagged`: 3 of 5
+    only = stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5, exclude_flagged=True).iloc[1]
+    assert only["n"] == 3 and only["mean"] == pytest.approx(B_MEAN) and only["std"] == pytest.approx(B_STD, rel=1e-9)
+    assert only["flagged"] == 1 and only["seeds_used"] == (0, 1, 2)
 
 
 def test_aggregate_single_seed_has_nan_std_and_ci_columns(table_runs):
@@ -282,17 +283,19 @@ def test_welch_p_matches_scipy():
     assert math.isnan(uncertainty.welch_p(A, [0.005]))
 
 
-def test_flag_divergence(hand_store):
-    flags = store.load_runs("rates", hand_store["uri"]).pipe(stats.flag_divergence)
-    assert flags.to_dict("list") == {"flag": ["decay", "finite", "(none)"], "runs": [4, 1, 4],
-                                     "diverged": [1, 1, 0], "diverged_fraction": [0.25, 1.0, 0.0]}
+def test_outcomes_of_the_hand_store(hand_store):
+    """delta = 0.2 (0.20, 0.21 at the last epoch) is the paper's rate with theta = 0.5: the reference, mean
+    0.205 over its 4 runs; degraded at 2 x: 0.41. delta = 1.5 ends at 0.30, 0.31 (not degraded) and one
+    diverged (NaN: no learning, degraded). Chance for 10 classes: 90%, no learning from 81%."""
+    from stawm.analysis import outcomes
 
-
-def test_outcome_table(hand_store):
-    counts = stats.outcome_table(store.load_runs("rates", hand_store["uri"]))
-    assert counts[list(stats.OUTCOMES)].to_numpy().sum() == 8 and counts["diverged"].sum() == 1
-    # delta=0.2 passes (2 seeds in each of 2 configurations); delta=1.5 fails before training, one diverges
-    assert list(counts["passed"]) == [2, 2, 0, 0] and list(counts["flagged before training"]) == [0, 0, 1, 2]
+    runs = store.load_runs("rates", hand_store["uri"])
+    assert outcomes.paper_reference(runs) == pytest.approx(0.205)
+    measured = outcomes.measure(runs)
+    kinds = outcomes.outcome(measured).reindex(runs["run_id"]).tolist()
+    assert kinds.count("diverged") == 1 and kinds.count("trained") == 7
+    assert measured["no_learning"].sum() == 1 and measured["degraded"].sum() == 1  # the diverged run only
+    assert outcomes.degraded(runs, factor=1.45).sum() == 4  # 0.30, 0.31 >= 1.45 x 0.205 = 0.297; and NaN
 
 
 # --- tables (tables.py) -------------------------------------------------------------------------
@@ -303,11 +306,12 @@ P_AB = scipy.stats.ttest_ind(A, B, equal_var=False).pvalue
 
 
 def test_format_table_markdown_and_latex_exactly(table_runs):
-    agg = stats.aggregate(table_runs, ["task", "glimpse_size", "glimpses"], seeds_expected=5)
+    agg = stats.aggregate(table_runs, ["task", "glimpse_size", "glimpses"], seeds_expected=5, exclude_flagged=True)
     table = tables.format_table(agg, ["glimpse_size", "glimpses"], published=tables.PUBLISHED,
                                 baseline={"glimpse_size": 8})
     assert f"{P_AB:.4f}" == "0.0059"
-    caption = ("test_error in %: mean ± std (ddof=1) over 5 seeds; flagged runs (Appendix A) left out; "
+    left_out = "flagged runs (Appendix A) left out of the statistics, counted in `flagged`"
+    caption = (f"test_error in %: mean ± std (ddof=1) over 5 seeds; {left_out}; "
                "rows short of 5 seeds are marked incomplete; unfinished runs (failed or still running) are left out; "
                "published: the paper's Table 1, "
                "Δ = reproduced − published in percentage points; p: Welch's t-test against "
@@ -322,7 +326,8 @@ def test_format_table_markdown_and_latex_exactly(table_runs):
         "% requires \\usepackage{booktabs}\n"
         "\\begin{table}[t]\n"
         "\\centering\n"
-        "\\caption{test\\_error in \\%: mean $\\pm$ std (ddof=1) over 5 seeds; flagged runs (Appendix A) left out; "
+        "\\caption{test\\_error in \\%: mean $\\pm$ std (ddof=1) over 5 seeds; flagged runs (Appendix A) left out of "
+        "the statistics, counted in `flagged`; "
         "rows short of 5 seeds are marked incomplete; unfinished runs (failed or still running) are left out; "
         "published: the paper's Table 1, "
         "$\\Delta$ = reproduced $-$ published in percentage points; p: Welch's t-test against "
@@ -337,6 +342,10 @@ def test_format_table_markdown_and_latex_exactly(table_runs):
         "\\bottomrule\n"
         "\\end{tabular}\n"
         "\\end{table}\n")
+    # by default every finished run counts, flagged ones too, and the caption says so
+    counted = tables.format_table(stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5))
+    assert "flagged runs (Appendix A) included in the statistics" in counted.markdown
+    assert counted.markdown.splitlines()[-1] == "| 28 | 10 | 1.13% ± 1.25 | 4/5 (incomplete, 1 unfinished) | 1 |"
 
 
 def test_format_table_baseline_must_match_one_row(table_runs):
@@ -348,7 +357,7 @@ def test_format_table_baseline_must_match_one_row(table_runs):
 
 
 def test_table1_quotes_baselines_and_unreproduced_rows(table_runs):
-    table1 = tables.table1(table_runs, seeds_expected=5)
+    table1 = tables.table1(table_runs, seeds_expected=5, exclude_flagged=True)
     a = table1["1a"].markdown.splitlines()
     assert a[2] == "| model | glimpse_size | glimpses | test error (%) | n | flagged | published | Δ (pp) |"
     ram = ((5, "1.55%"), (6, "1.29%"), (7, "1.47%"))
@@ -375,9 +384,13 @@ def test_published_constants():
 
 def test_summary_is_the_csv_form(table_runs):
     out = tables.summary(stats.aggregate(table_runs, ["glimpse_channels"], seeds_expected=5))
-    assert list(out.columns) == ["glimpse_channels", "n", "test_error_mean", "test_error_std", "flagged", "complete"]
-    assert list(out["glimpse_channels"]) == ["[64, 128]", "[64, 128, 256]"] and list(out["n"]) == [5, 3]
-    assert out["test_error_mean"].tolist() == pytest.approx([A_MEAN, B_MEAN])
+    assert list(out.columns) == ["glimpse_channels", "n", "test_error_mean", "test_error_std", "flagged", "complete",
+                                 "flagged_in_statistics"]
+    assert list(out["glimpse_channels"]) == ["[64, 128]", "[64, 128, 256]"] and list(out["n"]) == [5, 4]
+    assert out["test_error_mean"].tolist() == pytest.approx([A_MEAN, BF_MEAN]) and out["flagged_in_statistics"].all()
+    out = tables.summary(stats.aggregate(table_runs, ["glimpse_channels"], seeds_expected=5, exclude_flagged=True))
+    assert list(out["n"]) == [5, 3] and out["test_error_mean"].tolist() == pytest.approx([A_MEAN, B_MEAN])
+    assert not out["flagged_in_statistics"].any()
 
 
 # --- histories (store.py) -----------------------------------------------------------------------
@@ -432,20 +445,28 @@ def test_plots_return_figures(hand_store, table_runs, tmp_path):
     figs["glimpses"] = plots.plot_ablation(table_runs, "glimpses", seeds_expected=5)
     history = store.metric_history(table_runs, schema.TEST_ERROR, hand_store["uri"], tmp_path)
     figs["curves"] = plots.plot_curves(history, "preset", table_runs)
-    figs["map"] = stability_plots.plot_stability_map(rates)
+    measured = outcomes.measure(rates)
+    figs["conditions"] = stability_plots.plot_condition_map(rates)
+    figs["outcomes"] = stability_plots.plot_outcome_map(rates, measured)
+    figs["heatmaps"] = stability_plots.plot_error_heatmaps(rates, threshold=0.25)
+    figs["by_rate"] = stability_plots.plot_error_by_rate(rates)
     history = store.metric_histories(stats.learnable(rates), schema.RATE_METRICS, hand_store["uri"], tmp_path)
-    figs["rates"] = stability_plots.plot_rate_trajectories(history, rates)
+    figs["rates"] = stability_plots.plot_rate_trajectories(history, rates, measured)
     for name, fig in figs.items():
         paths = plots.save_figure(fig, tmp_path / "figs", name, formats=("png",))  # svg: the report test
         assert all(p.stat().st_size > 1000 for p in paths), name
-    # the ablation draws 5 + 3 seeds, the flagged B seed as a cross, and two means
+    # the ablation draws 5 + 4 seeds (the flagged B seed counted like the others) and two means
     ax = figs["glimpses"].axes[0]
-    assert sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == "seed") == 8
-    assert [len(c.get_offsets()) for c in ax.collections if c.get_gid() == "flagged (left out)"] == [1]
+    assert sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == "seed") == 9
+    assert not [c for c in ax.collections if c.get_gid() == "flagged (left out)"]
+    assert "1 of 10 runs flagged, all counted" in " ".join(ax.get_title().split())
     legend = [t.get_text() for t in figs["ablation_delta"].axes[0].get_legend().get_texts()]
-    assert legend == ["flagged (left out)", "learnable_rates=False", "learnable_rates=True"]
+    assert legend == ["learnable_rates=False", "learnable_rates=True"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["each seed", "flagged (left out)", "mean ± std (ddof=1)"]
+    assert legend == ["each seed", "mean ± std (ddof=1)"]
+    # the heat map outlines the cells at or above the threshold: delta = 1.5 (its finished runs 0.30, 0.30, 0.31)
+    outlined = [p for a in figs["heatmaps"].axes for p in a.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
+    assert len(outlined) == 1
 
 
 def test_ablation_ticks_are_the_swept_values_and_bars_the_table(hand_store, table_runs):
@@ -455,13 +476,13 @@ def test_ablation_ticks_are_the_swept_values_and_bars_the_table(hand_store, tabl
     bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "std"]
     assert [(np.nanmin(y), np.nanmax(y)) for y in bars] == [
         pytest.approx((100 * (A_MEAN - A_STD), 100 * (A_MEAN + A_STD))),
-        pytest.approx((100 * (B_MEAN - B_STD), 100 * (B_MEAN + B_STD)))]
+        pytest.approx((100 * (BF_MEAN - BF_STD), 100 * (BF_MEAN + BF_STD)))]
     assert "mean ± std (ddof=1) over 5 seeds" in ax.get_title() and "n=k/N where fewer" in ax.get_title()
-    assert "n=3/5" in [t.get_text() for t in ax.texts]
+    assert "n=4/5" in [t.get_text() for t in ax.texts]
     rates = store.load_runs("rates", hand_store["uri"])
-    ax = plots.plot_ablation(rates, "delta", seeds_expected=2, hue="learnable_rates").axes[0]
+    ax = plots.plot_ablation(rates, "delta", seeds_expected=2, hue="learnable_rates", exclude_flagged=True).axes[0]
     assert _ticks(ax) == ["0.2", "1.5"]
-    # delta=1.5: every run flagged, so n=0 for both series, labelled side by side at the foot
+    # delta=1.5: every run flagged and left out when asked, so n=0 for both series, labelled side by side at the foot
     foot = [t for t in ax.texts if t.get_text() == "n=0/2"]
     assert len(foot) == 2 and foot[0].xy[0] == pytest.approx(0.8) and foot[1].xy[0] == pytest.approx(1.2)
 
@@ -480,8 +501,8 @@ def test_ablations_draw_into_the_axes_given(table_runs):
     fig, axes = plt.subplots(1, 2)
     try:
         figures = plt.get_fignums()
-        drawn = [plots.plot_ablation(table_runs, "glimpse_size", seeds_expected=5, ax=axes[0]),
-                 plots.plot_ablation(table_runs, "glimpse_size", include_flagged=True, ax=axes[1])]
+        drawn = [plots.plot_ablation(table_runs, "glimpse_size", seeds_expected=5, exclude_flagged=True, ax=axes[0]),
+                 plots.plot_ablation(table_runs, "glimpse_size", ax=axes[1])]
         assert plt.get_fignums() == figures and drawn == [fig, fig] and list(fig.axes) == list(axes)
         for ax, (key, errors) in zip(axes, expected.items()):
             assert _ticks(ax) == ["8", "28"], key
@@ -513,9 +534,9 @@ def test_single_epoch_curves_show_a_point(hand_store, table_runs):
     assert "mean ± std (ddof=1) over 5 seeds per line" in ax.get_title()
 
 
-def test_stability_map_ticks_are_the_rates_run(hand_store):
+def test_condition_map_ticks_are_the_rates_run(hand_store):
     rates = store.load_runs("rates", hand_store["uri"])
-    fig = stability_plots.plot_stability_map(rates)
+    fig = stability_plots.plot_condition_map(rates)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert list(ax.get_xticks()) == [0.2, 1.5] and list(ax.get_yticks()) == [rates["eta"].iloc[0]]
     assert ax.get_title() == f"θ = {rates['theta'].iloc[0]:g}" and "8 runs" in fig._suptitle.get_text()
@@ -536,14 +557,22 @@ def test_report_end_to_end(hand_store, tmp_path):
     done = _report("--study", "rates", "--tracking-uri", hand_store["uri"], "--out", str(out),
                    "--cache-dir", str(tmp_path / "cache"), "--baseline", "delta=0.2,learnable_rates=False")
     assert done.returncode == 0, done.stderr
-    expected = {"table.md", "table.tex", "summary.csv", "runs.csv"} | {
-        f"{n}.{e}" for n in ("ablation_delta", "ablation_learnable_rates", "curves_test_error",
-                             "stability_map", "error_heatmaps", "rate_trajectories") for e in ("png", "svg")}
+    expected = {"table.md", "table.tex", "summary.csv", "runs.csv", "predictions.md", "predictions.csv"} | {
+        f"{n}.{e}" for n in ("ablation_delta", "ablation_learnable_rates", "curves_test_error", "condition_map",
+                             "outcome_map", "error_heatmaps", "error_by_rate", "rate_trajectories")
+        for e in ("png", "svg")}
     assert {p.name for p in out.iterdir()} == expected
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == ["delta", "learnable_rates", "n", "test_error_mean", "test_error_std",
-                                     "flagged", "complete"]
-    assert list(summary["n"]) == [2, 2, 0, 0] and list(summary["flagged"]) == [0, 0, 2, 2]
+                                     "flagged", "complete", "flagged_in_statistics"]
+    # delta = 1.5 is flagged (decay) and counted; its diverged run FAILED: unfinished, left out
+    assert list(summary["n"]) == [2, 2, 1, 2] and list(summary["flagged"]) == [0, 0, 2, 2]
+    # no stability artifacts in this store: the conditions re-checked on the rates; decay flags delta = 1.5,
+    # which diverged once and was degraded (>= 2 x 0.205) only there
+    predictions = pd.read_csv(out / "predictions.csv").set_index(["condition", "outcome"])
+    decay = predictions.loc[("decay", "diverged")]
+    assert (decay["flagged_and_outcome"], decay["flagged_no_outcome"], decay["outcome_not_flagged"],
+            decay["neither"]) == (1, 3, 0, 4) and decay["precision"] == 0.25 and decay["recall"] == 1.0
     assert summary["test_error_mean"].iloc[0] == pytest.approx(0.205)  # (0.20 + 0.21) / 2
     assert summary["test_error_std"].iloc[0] == pytest.approx(0.01 / math.sqrt(2))
     assert "| 0.2 | False | **20.50% ± 0.71** | 2 | 0 | baseline |" in (out / "table.md").read_text()
@@ -557,12 +586,17 @@ def test_report_table_study_compares_with_the_paper(hand_store, tmp_path):
     assert main(["--study", "table", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path), "--no-curves",
                  "--no-log"]) == 0
     md = (tmp_path / "table.md").read_text()
-    assert "| mnist-class-28 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 |" in md
+    assert "| mnist-class-28 | 1.13% ± 1.25 | 4/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.78 |" in md
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert summary.to_dict("list") == {
-        "preset": ["mnist-class-28", "mnist-class-8"], "n": [3, 5],
-        "test_error_mean": pytest.approx([B_MEAN, A_MEAN]), "test_error_std": pytest.approx([B_STD, A_STD]),
-        "flagged": [1, 0], "complete": [False, True]}
+        "preset": ["mnist-class-28", "mnist-class-8"], "n": [4, 5],
+        "test_error_mean": pytest.approx([BF_MEAN, A_MEAN]), "test_error_std": pytest.approx([BF_STD, A_STD]),
+        "flagged": [1, 0], "complete": [False, True], "flagged_in_statistics": [True, True]}
+    assert main(["--study", "table", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path), "--no-curves",
+                 "--no-log", "--exclude-flagged"]) == 0
+    assert "| mnist-class-28 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 |" in (
+        tmp_path / "table.md").read_text()
+    assert list(pd.read_csv(tmp_path / "summary.csv")["flagged_in_statistics"]) == [False, False]
 
 
 def test_report_unknown_study_exits_2_with_one_line(hand_store, tmp_path, capsys):
@@ -622,7 +656,8 @@ def test_report_bad_input_exits_2_with_one_line_and_writes_nothing(case, hand_st
 def test_report_help_documents_the_flags():
     done = _report("--help")
     assert done.returncode == 0 and "usage: stawm-report" in done.stdout
-    for flag in ("--study", "--tracking-uri", "--out", "--seeds", "--include-flagged", "--baseline", "--cache-dir"):
+    for flag in ("--study", "--tracking-uri", "--out", "--seeds", "--exclude-flagged", "--degraded-factor", "--baseline",
+                 "--cache-dir"):
         assert flag in done.stdout
 
 
@@ -697,8 +732,8 @@ NOTEBOOKS = {  # notebook: (study, files it must write)
     "table1": ("table", {"table1a.md", "table1a.tex", "table1b.md", "table1b.tex"}),
     "ablations": ("rates", {"ablation_delta.png", "ablation_delta.svg", "ablation_learnable_rates.png",
                             "curves_test_error.png"}),
-    "stability": ("rates", {"stability_map.png", "stability_map.svg", "rate_trajectories.png",
-                            "flag_divergence.csv"}),
+    "stability": ("rates", {"condition_map.png", "outcome_map.svg", "error_heatmaps.png", "error_by_rate.png",
+                            "predictions.csv", "degraded_sweep.csv", "rate_trajectories.png"}),
 }
 
 

@@ -106,7 +106,7 @@ AUTHORS_DIFFERENCES = {
     "mnist-draw-8": {"decoder_order": "forward"},
     "mnist-sketchpad": {"glimpse_channels": (64, 128), "glimpse_strides": (1, 2), "decoder_order": "forward"},
     "celeba-draw-32": {"dropout": 0.5, "lr": 1e-4, "lr_schedule": "constant", "epochs": 100,
-                       "decoder_output_padding": False},
+                       "decoder_output_padding": False, "eval_sample": False},
 }
 
 

@@ -11,7 +11,8 @@ def memory(**kw):
 
 
 def test_update_matches_hand_worked_eq2():
-    # W e = [1, 6]; + theta e = [1.5, 7]; ReLU6 -> [1.5, 6] (saturates)
+    # W e = [1, 6] (Eq. 2 as the main text and the authors' code write it; W^T e would be [5, 4]);
+    # + theta e = [1.5, 7]; ReLU6 -> [1.5, 6] (saturates)
     # increment[i][j] = 0.4 * e_i * post_j = [[0.6, 2.4], [1.2, 4.8]]; decay 0.2 W = [[0.2, 0], [0.4, 0.4]]
     W = torch.tensor([[[1.0, 0.0], [2.0, 2.0]]])
     e = torch.tensor([[1.0, 2.0]])

@@ -255,18 +255,30 @@ def test_relaxed_mask_is_torch_distributions_own_sample():
     assert torch.isfinite(ours).all() and ours.min() > 0 and ours.max() < 1
 
 
-@pytest.mark.parametrize("eval_sample", [True, False])
-def test_eval_mode_samples_z_and_the_mask_only_when_asked(eval_sample):
-    cfg = shrunk("celeba-draw-32").replace(image_size=32, glimpse_size=16, eval_sample=eval_sample,
+@pytest.mark.parametrize("z, mask", [(True, True), (False, True), (True, False), (False, False)])
+def test_eval_mode_samples_z_and_the_mask_each_only_when_asked(z, mask):
+    """Two eval passes under different seeds: the canvas differs when either is sampled; with z = mu (the
+    authors' CelebA) and the mask sampled, the latents of both passes are equal and the canvases are not."""
+    cfg = shrunk("celeba-draw-32").replace(image_size=32, glimpse_size=16, eval_sample=z, eval_sample_mask=mask,
                                            glimpse_padding=(2, 1, 1, 1))
     model = STAWM(cfg).eval()
     images = torch.rand(2, 3, 32, 32)
+    sketches = []
+    model.drawer.expand.register_forward_hook(lambda module, args, out: sketches.append(args[0]))  # z
     with torch.no_grad():
         torch.manual_seed(0)
         first = model(images).canvas
         torch.manual_seed(1)
         second = model(images).canvas
-    assert torch.equal(first, second) is not eval_sample
+    half = len(sketches) // 2
+    assert all(torch.equal(a, b) for a, b in zip(sketches[:half], sketches[half:])) is not z
+    assert torch.equal(first, second) is not (z or mask)
+
+
+def test_the_authors_celeba_script_uses_the_mean_latent_and_a_sampled_mask_in_eval():
+    authors = preset("celeba-draw-32", authors_code=True)
+    assert (authors.eval_sample, authors.eval_sample_mask) == (False, True)
+    assert (preset("celeba-draw-32").eval_sample, preset("celeba-draw-32").eval_sample_mask) == (True, True)
 
 
 def test_sketchpad_sums_the_nll_over_the_batch():

@@ -90,9 +90,9 @@ def diverging_member_1(train):
         for records in train(cfgs, **kw):
             record = records[1]
             if record["epoch"] == 1:
-                report = {**record["stability"], "ok": False, "diverged": True, "failed": ["finite"]}
+                report = {**record["stability"], "ok": False, "diverged": True, "failed": ["rates"]}
                 record = {k: v for k, v in record.items() if k != "test_error"}  # a diverged epoch is not evaluated
-                records[1] = {**record, "diverged": True, "stability_ok": False, "stability_flags": ["finite"],
+                records[1] = {**record, "diverged": True, "stability_ok": False, "stability_flags": ["rates"],
                               "stability": report}
             else:
                 records[1] = None
@@ -139,14 +139,14 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
     ok, diverged = by_member[0].data.tags, by_member[1].data.tags
     assert (ok[schema.STABILITY_OK], ok[schema.STABILITY_DIVERGED]) == ("true", "false")
     assert (diverged[schema.STABILITY_OK], diverged[schema.STABILITY_FLAGS], diverged[schema.STABILITY_DIVERGED]) == (
-        "false", "finite", "true")
+        "false", "rates", "true")
 
     # Tune sees the mean over both seeds, the diverged one counted as wrong on every image
     assert len(fake.reports) == 3
     for report in fake.reports:
         assert report["test_error_seed1"] == 1.0 and report["members_diverged"] == 1
         assert report["test_error"] == pytest.approx((report["test_error_seed0"] + 1.0) / 2)
-        assert not report["stability_ok"] and report["stability_flags"] == "finite" and not report["diverged"]
+        assert not report["stability_ok"] and report["stability_flags"] == "rates" and not report["diverged"]
     errors = [m.value for m in client.get_metric_history(by_member[0].info.run_id, "test_error")]
     assert [r["test_error_seed0"] for r in fake.reports] == errors
 
@@ -161,7 +161,7 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
     # Tune ran one trial per glimpse size, each over both seeds
     assert "fused: 2 trials" in stdout
     lines = [line for line in stdout.splitlines() if "glimpse_size=" in line and "seed=0,1" in line]
-    assert len(lines) == 2 and all("stable" in line and "test_error=0." in line for line in lines)
+    assert len(lines) == 2 and all("conditions met" in line and "test_error=0." in line for line in lines)
     assert "--gpus-per-trial auto: 0 GPU per trial (the Ray cluster (1 node) has no GPU and can start none" in stdout
 
     client = MlflowClient(uri)

@@ -1,4 +1,4 @@
-"""Shipped results (stawm.analysis.export) and the question they answer: do the Appendix A flags predict failure?"""
+"""Shipped results (stawm.analysis.export): the same numbers without the MLflow store; the re-check of old ones."""
 
 import json
 import subprocess
@@ -14,60 +14,6 @@ from stawm.analysis import source, stats
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-# --- which runs failed, which were flagged: a hand-made set with known counts ------------------------------
-
-
-def hand_runs() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Eight runs: their verdicts, errors and the epoch each condition first failed, chosen so that every
-    cell of the tables below has a count worked out by hand."""
-    runs = pd.DataFrame({
-        "run_id": [f"r{i}" for i in range(8)],
-        "test_error": [0.04, 0.05, 0.90, 0.30, 0.06, np.nan, 0.88, 0.95],
-        "diverged": [False, False, False, False, False, True, False, False],
-        "flagged": [False, False, False, True, True, True, True, False],
-    })
-    # decay: r3, r4, r6 at epoch 0 (static); finite: r5 at epoch 2 (runtime); bound never; r2, r7 fail unflagged
-    stability = pd.DataFrame([
-        dict(run_id=r, condition=c, kind=k, ok=e is None, first_failed_epoch=np.nan if e is None else e)
-        for r, (decay, finite) in {"r0": (None, None), "r1": (None, None), "r2": (None, None), "r3": (0, None),
-                                   "r4": (0, None), "r5": (None, 2), "r6": (0, None), "r7": (None, None)}.items()
-        for c, k, e in (("decay", "static", decay), ("finite", "runtime", finite), ("bound", "runtime", None))
-    ])
-    return runs, stability
-
-
-def test_failed_to_train_is_divergence_or_an_error_above_the_threshold():
-    runs, _ = hand_runs()
-    failed = stats.failed_to_train(runs, threshold=0.10)
-    assert list(failed) == [False, False, True, True, False, True, True, True]  # r5: diverged (no error)
-
-
-def test_contingency_of_flagged_against_failed_counts_by_hand():
-    runs, _ = hand_runs()
-    table = stats.contingency(runs["flagged"], stats.failed_to_train(runs, 0.10))
-    # flagged r3 r4 r5 r6: failed r3 r5 r6, trained r4; not flagged r0 r1 r2 r7: failed r2 r7, trained r0 r1
-    assert table.to_dict() == {"failed to train": {"flagged": 3, "not flagged": 2, "total": 5},
-                               "trained": {"flagged": 1, "not flagged": 2, "total": 3},
-                               "total": {"flagged": 4, "not flagged": 4, "total": 8}}
-
-
-def test_condition_table_precision_and_recall_by_hand():
-    runs, stability = hand_runs()
-    first = stats.first_failed(stability)
-    assert first.loc["r5", "finite"] == 2 and np.isnan(first.loc["r5", "decay"]) and first.loc["r3", "decay"] == 0
-    failed = stats.failed_to_train(runs, 0.10).set_axis(runs["run_id"])
-    table = stats.condition_table(first, failed, {"decay": "static", "finite": "runtime", "bound": "runtime"})
-    rows = table.set_index("condition")
-    # decay flags r3 r4 r6 before training; of them r3, r6 failed: precision 2/3; 5 failed runs, recall 2/5
-    assert rows.loc["decay", ["flagged", "before_training", "during_training", "flagged_and_failed",
-                              "failed_not_flagged"]].tolist() == [3, 3, 0, 2, 3]
-    assert rows.loc["decay", "precision"] == pytest.approx(2 / 3)
-    assert rows.loc["decay", "recall"] == pytest.approx(2 / 5)
-    assert rows.loc["finite", ["flagged", "during_training", "flagged_and_failed"]].tolist() == [1, 1, 1]
-    assert rows.loc["finite", "precision"] == 1.0 and rows.loc["finite", "recall"] == pytest.approx(1 / 5)
-    assert rows.loc["bound", "flagged"] == 0 and np.isnan(rows.loc["bound", "precision"])
 
 
 # --- exports round-trip: the same numbers without the MLflow store -----------------------------------------

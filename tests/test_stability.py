@@ -1,5 +1,6 @@
-"""Appendix A: the static check and the runtime monitor."""
+"""Appendix A: the conditions on hand-built rates, the run-time monitor, and the memory bound as an invariant."""
 
+import copy
 import json
 import math
 
@@ -7,102 +8,145 @@ import pytest
 import torch
 
 from stawm import HebbRosenblatt, preset
+from stawm.conditions import CONDITIONS, DERIVED, PAPER, READING, check, failed
 from stawm.model.heads import QUERY_BOUND
-from stawm.model.stability import INFORMATIONAL, StabilityMonitor, bounds, static_check, step_bound_ratio
+from stawm.model.stability import StabilityMonitor, step_bound_ratio
+from stawm.train.data import load_data, prepare_batch, to_model_input
+from stawm.train.step import EpochStats, OneModel
 
-DEFAULT_RATES = {"delta": 0.2, "eta": 0.4, "theta": 0.5}
-
-
-def healthy(**kw):
-    values = dict(rates=DEFAULT_RATES, max_w=1.0, max_readout=10.0, loss_finite=True, grads_finite=True,
-                  w_finite=True)
-    return {**values, **kw}
+PAPER_RATES = {"delta": 0.2, "eta": 0.4, "theta": 0.5}
+MEMORY = {"max_abs_w": 1.0, "max_readout": 10.0, "readout_dead": 0.5, "readout_saturated": 0.0,
+          "memory_bound_ratio": 0.1}
 
 
-def test_paper_defaults_pass_every_non_informational_condition():
-    check = static_check(preset("mnist-class-8"))
-    assert check["ok"] and check["failed"] == []
-    assert {n: ok for n, ok in check["conditions"].items() if n not in INFORMATIONAL} == {
-        "activation": True, "rates": True, "decay": True}
-    assert check["conditions"]["eta_gt_delta"] is True
-    assert check["conditions"]["stationary_input"] is False  # reported, not a failure
+def flagging(activation, delta, eta, theta):
+    return failed(check(activation, delta, eta, theta))
 
 
-def test_bounds_worked_by_hand():
-    # W_ij <= (0.4 / 0.2) * 6 * 6 = 72; (W q)_i <= 256 * 6 * 72 = 110592; Eq. 16: 2 * 8 * 256 * 216
-    b = bounds(preset("mnist-class-8"), 0.2, 0.4)
-    assert b["w"] == pytest.approx(72.0)
-    assert b["readout"] == pytest.approx(110592.0)
-    assert b["eq16"] == pytest.approx(2 * 8 * 256 * 216)
-    assert bounds(preset("mnist-class-8", activation="sigmoid"), 0.5, 0.25)["w"] == pytest.approx(0.5)
+def test_each_condition_names_its_source_as_notes_does():
+    sources = {name: c.source for name, c in CONDITIONS.items()}
+    assert sources == {"activation": PAPER, "stationary_input": PAPER, "rates": READING, "writes": PAPER,
+                       "eta_gt_delta": READING, "decay": DERIVED}
+    assert [n for n, c in CONDITIONS.items() if c.informational] == ["stationary_input", "eta_gt_delta"]
 
 
-def test_delta_above_one_fails_decay_only():
-    check = static_check(preset("mnist-class-8", delta=1.5))
-    assert check["failed"] == ["decay"]
-    assert check["conditions"]["eta_gt_delta"] is False  # informational: reported, not failed
-    assert math.isinf(check["bounds"]["w"])
+def test_the_paper_rates_meet_every_flagging_condition():
+    checks = check("relu6", **PAPER_RATES)
+    assert failed(checks) == []
+    assert checks["eta_gt_delta"] is True and checks["stationary_input"] is False  # reported, never a flag
 
 
-def test_negative_eta_fails_rates():
-    assert static_check(preset("mnist-class-8", eta=-0.1))["failed"] == ["rates"]
+def test_theta_zero_writes_nothing_with_relu6_but_writes_with_a_sigmoid():
+    # ReLU6(0) = 0: W = 0 and theta = 0 give every write eta e (x) 0 = 0 (Section 3.1)
+    assert flagging("relu6", 0.2, 0.4, 0.0) == ["writes"]
+    # sigmoid(0) = 1/2: the first write is eta e (x) 1/2, not zero
+    assert flagging("sigmoid", 0.2, 0.4, 0.0) == []
+    assert flagging("relu6", 0.2, 0.4, 0.01) == []  # any theta > 0 writes
 
 
-def test_nan_at_runtime_fails_finite_and_rates():
+def test_delta_above_one_breaks_only_the_derived_decay():
+    assert flagging("relu6", 1.5, 0.4, 0.5) == ["decay"]
+    assert check("relu6", 1.5, 0.4, 0.5)["eta_gt_delta"] is False  # informational: reported, not a flag
+    assert flagging("relu6", 1.0, 0.4, 0.5) == []  # delta = 1 is inside: W is the last write alone
+
+
+def test_delta_zero_breaks_the_paper_reading_and_decay():
+    assert flagging("relu6", 0.0, 0.4, 0.5) == ["rates", "decay"]
+    assert flagging("relu6", 0.2, -0.1, 0.5) == ["rates"]
+    assert flagging("relu6", 0.2, 0.0, 0.5) == []  # eta >= 0 is what the reading asks
+    assert flagging("relu6", 0.2, 0.4, -0.5) == ["rates", "writes"]
+    assert flagging("relu6", 0.2, math.nan, 0.5) == ["rates", "writes", "decay"]  # NaN satisfies no comparison
+    assert flagging("tanh", *PAPER_RATES.values()) == ["activation"]
+
+
+def test_the_monitor_keeps_the_epoch_each_condition_first_failed_and_divergence_apart():
     monitor = StabilityMonitor(preset("mnist-class-8", learnable_rates=True))
-    assert monitor.observe(1, **healthy())["ok"]
-    verdict = monitor.observe(2, **healthy(rates={**DEFAULT_RATES, "eta": math.nan}, loss_finite=False))
-    assert verdict["failed"] == ["rates", "decay", "finite"]  # a NaN rate satisfies no comparison
-    report = monitor.report()
-    assert report["conditions"]["finite"]["first_failed_epoch"] == 2
-    assert report["conditions"]["rates"]["first_failed_epoch"] == 2
-    assert report["diverged"] and not report["ok"] and report["static_ok"]
-
-
-def test_bound_violation_is_caught_with_its_epoch():
-    monitor = StabilityMonitor(preset("mnist-class-8"))
-    monitor.observe(1, **healthy(max_w=71.9))
-    verdict = monitor.observe(2, **healthy(max_w=72.5))  # above (eta/delta) * 36 = 72
-    assert verdict["failed"] == ["bound"]
-    assert monitor.report()["conditions"]["bound"]["first_failed_epoch"] == 2
-
-
-def test_learned_rate_drifting_out_fails_per_epoch():
-    monitor = StabilityMonitor(preset("mnist-class-8", learnable_rates=True))
-    monitor.observe(1, **healthy())
-    monitor.observe(2, **healthy(rates={"delta": 1.2, "eta": 0.4, "theta": 0.5}))
-    assert monitor.report()["conditions"]["decay"]["first_failed_epoch"] == 2
-
-
-def test_static_failure_is_recorded_at_epoch_zero_and_report_is_json():
-    monitor = StabilityMonitor(preset("mnist-class-8", delta=1.5))
-    monitor.observe(1, **healthy(rates={"delta": 1.5, "eta": 0.4, "theta": 0.5}))
+    assert monitor.observe(1, rates=PAPER_RATES, diverged=False, memory=MEMORY) == {"ok": True, "failed": []}
+    monitor.observe(2, rates={**PAPER_RATES, "delta": 1.2}, diverged=False, memory=MEMORY)
+    verdict = monitor.observe(3, rates={**PAPER_RATES, "delta": -0.1}, diverged=True, memory=MEMORY)
+    assert verdict == {"ok": False, "failed": ["rates", "decay"]}  # diverging is no condition
     report = json.loads(json.dumps(monitor.report(), allow_nan=False))
-    assert report["failed"] == ["decay"] and not report["static_ok"]
-    assert report["conditions"]["decay"]["first_failed_epoch"] == 0
+    assert report["conditions"]["decay"]["first_failed_epoch"] == 2
+    assert report["conditions"]["rates"]["first_failed_epoch"] == 3
+    assert report["diverged"] and report["diverged_epoch"] == 3 and report["static_ok"]
+    assert report["conditions"]["decay"]["source"] == DERIVED
+    assert [h["readout_dead"] for h in report["history"]] == [0.5, 0.5, 0.5]
+
+
+def test_a_static_failure_is_recorded_at_epoch_zero():
+    monitor = StabilityMonitor(preset("mnist-class-8", theta=0.0))
+    monitor.observe(1, rates={**PAPER_RATES, "theta": 0.0}, diverged=False, memory=MEMORY)
+    report = monitor.report()
+    assert report["failed"] == ["writes"] and not report["static_ok"] and not report["diverged"]
+    assert report["conditions"]["writes"]["first_failed_epoch"] == 0
     assert report["conditions"]["stationary_input"]["first_failed_epoch"] == 0  # informational, reported
-    assert report["ok"] is False
 
 
-def test_bound_check_fires_exactly_when_a_hand_built_memory_breaks_it():
-    """W entries and read-outs of a hand-built memory against (eta/delta) 36 = 72 and M 6 72 (M = 4: 1728)."""
-    memory = HebbRosenblatt(4, delta=0.2, eta=0.4, theta=0.5)
-    query = torch.full((1, 4), QUERY_BOUND)  # the largest query a ReLU6 lets through
+def test_the_memory_bound_is_reported_apart_from_the_verdict():
+    monitor = StabilityMonitor(preset("mnist-class-8"))
+    monitor.observe(1, rates=PAPER_RATES, diverged=False, memory={**MEMORY, "memory_bound_ratio": 1.5})
+    report = monitor.report()
+    assert report["ok"] and report["memory_bound"] == {"largest_ratio": 1.5, "holds": False}
 
-    def ratio(W):
-        max_w, max_readout = W.amax(), memory.project(W, query).amax()
-        return float(step_bound_ratio(memory.delta, memory.eta, max_w, max_readout, bound=memory.bound,
-                                      memory_size=memory.memory_size))
 
-    at_bound = torch.full((1, 4, 4), 72.0)
-    assert memory.project(at_bound, query).amax() == 1728.0  # 4 * 6 * 72, the read-out bound, reached
-    assert ratio(at_bound) == pytest.approx(1.0)
-    above = at_bound.clone()
-    above[0, 2, 1] = 72.0 * 1.001
-    below = at_bound * 0.999
-    for W, breaks in ((at_bound, False), (below, False), (above, True)):
-        monitor = StabilityMonitor(preset("mnist-class-8", memory_size=4))
-        verdict = monitor.observe(1, **healthy(max_w=float(W.amax()), bound_ratio=ratio(W)))
-        assert verdict["failed"] == (["bound"] if breaks else [])
-    # a query of 12 (dropout's x2 after the ReLU6, the order this project once had) doubles the read-out
-    assert float(memory.project(at_bound, 2 * query).amax()) / 1728.0 == pytest.approx(2.0)
+# --- the memory bound: an invariant of the implementation ---------------------------------------------------
+
+
+def bound_ratio(memory, W, q, glimpses):
+    max_abs_w, max_readout = W.abs().amax(), memory.project(W, q).amax()
+    return float(step_bound_ratio(memory.delta, memory.eta, max_abs_w, max_readout, bound=memory.bound,
+                                  memory_size=memory.memory_size, glimpses=glimpses))
+
+
+def test_the_bound_is_reached_by_saturated_writes():
+    """e = 6 everywhere and a large theta saturate every write at eta 36 = 14.4 per entry; with delta = 0.5 and
+    N = 3: W = 14.4 (1 + 0.5 + 0.25) = 25.2 in every entry, exactly the bound."""
+    memory = HebbRosenblatt(4, delta=0.5, eta=0.4, theta=10.0)
+    W = memory.init_state(1)
+    for _ in range(3):
+        W = memory.update(W, torch.full((1, 4), 6.0))
+    assert torch.allclose(W, torch.full_like(W, 25.2))
+    query = torch.full((1, 4), QUERY_BOUND)  # a read-out of 4 * 6 * 25.2 = 604.8, its bound too
+    assert bound_ratio(memory, W, query, glimpses=3) == pytest.approx(1.0, rel=1e-6)
+    assert bound_ratio(memory, W * 1.01, query, glimpses=3) == pytest.approx(1.01, rel=1e-6)  # what a bug would do
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.5, 1.0, 1.5, 1.95])
+@pytest.mark.parametrize("activation", ["relu6", "sigmoid"])
+def test_random_writes_never_break_the_bound(delta, activation):
+    """Eq. 2 iterated N = 8 times on random nonnegative, bounded inputs (as sigma gives them) and random queries
+    in [0, 6]: max |W| and every read-out stay under their bounds for any delta in (0, 2)."""
+    generator = torch.Generator().manual_seed(int(delta * 100))
+    memory = HebbRosenblatt(16, delta=delta, eta=0.7, theta=0.3, activation=activation)
+    W = memory.init_state(32)
+    for _ in range(8):
+        e = memory.sigma(torch.randn(32, 16, generator=generator) * 10)
+        W = memory.update(W, e)
+    assert W.abs().amax() > 0 and (W < 0).any() == (delta > 1)  # it wrote; it alternates in sign past delta = 1
+    q = torch.rand(32, 16, generator=generator) * QUERY_BOUND
+    assert 0 < bound_ratio(memory, W, q, glimpses=8) <= 1 + 1e-6  # float32 rounding: delta = 1 reaches it
+
+
+def test_the_ratio_uses_the_rates_of_the_forward_pass_not_those_after_the_step():
+    """One step with learnable rates and a large learning rate (Adam moves each rate by about lr = 0.1, a
+    quarter of eta): the step's ratio is the one of the rates it ran with."""
+    cfg = preset("tiny", learnable_rates=True, lr=0.1)
+    data = load_data(cfg.dataset)
+    images, labels = data.train.images[:64], data.train.labels[:64]
+    x01 = prepare_batch(images, augment="none", generator=None)
+    x = to_model_input(x01, cfg, data)
+    one = OneModel(cfg, torch.device("cpu"))
+    before = copy.deepcopy(one.model)
+    out = before(x)  # the same forward as the step's (no dropout, no augmentation)
+    memory = before.memory
+
+    def ratio(delta, eta):
+        return float(step_bound_ratio(delta, eta, out.max_abs_w, out.max_readout, bound=memory.bound,
+                                      memory_size=memory.memory_size, glimpses=cfg.glimpses))
+
+    stats = EpochStats.zeros("cpu", 1)
+    one.step(x[None], x01[None], labels[None], stats)
+    after = one.model.memory
+    assert float(after.eta) != pytest.approx(float(memory.eta), rel=0.1)  # the step moved the rates
+    assert float(stats.memory_bound_ratio[0]) == pytest.approx(ratio(memory.delta, memory.eta), rel=1e-5)
+    assert ratio(after.delta.detach(), after.eta.detach()) != pytest.approx(ratio(memory.delta, memory.eta), rel=0.05)

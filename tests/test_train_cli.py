@@ -36,7 +36,7 @@ def test_one_run_writes_json_and_checkpoint_then_resumes(tmp_path, capsys):
             "--checkpoint-dir", str(tmp_path / "run"), "--json", str(out)]
     done = run(*args, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert "epoch   1" in done.stdout and "test error" in done.stdout and "stable" in done.stdout
+    assert "epoch   1" in done.stdout and "test error" in done.stdout and "conditions met" in done.stdout
     result = json.loads(out.read_text())
     assert 0 <= result[schema.TEST_ERROR] <= 1  # a fraction, at the top level
     assert result["config"]["glimpses"] == 2 and result["config"]["max_steps"] == 3

@@ -78,7 +78,8 @@ class Drawer(nn.Module):
         self.canvas_kind = cfg.canvas
         self.image_size, self.channels = cfg.image_size, cfg.channels
         self.temperature, self.align_corners = cfg.concrete_temperature, cfg.align_corners
-        self.eval_sample = cfg.eval_sample  # the authors' models sample in eval mode too
+        self.eval_sample = cfg.eval_sample  # z in eval mode: sampled (authors' MNIST) or mu (their CelebA)
+        self.eval_sample_mask = cfg.eval_sample_mask  # the Concrete mask in eval mode: sampled in their code
         self.query = Query(context_features, cfg.memory_size)  # no dropout in any drawing model
         self.latent = nn.Linear(cfg.memory_size, 2 * cfg.latent_size)  # -> (mu, log sigma^2)
         self.expand = nn.Sequential(nn.Linear(cfg.latent_size, decoder_features), nn.ReLU())
@@ -102,7 +103,7 @@ class Drawer(nn.Module):
             # warp after the sigmoid: the zeros outside the warped sketch then mean "mask 0, leave the canvas"
             warped = warp(torch.sigmoid(sketch), A_inv, self.image_size, self.align_corners)  # (B, C+1, H, H)
             paint, probs = warped[:, :-1], warped[:, -1:]
-            mask = relaxed_bernoulli(probs, self.temperature) if sample else probs
+            mask = relaxed_bernoulli(probs, self.temperature) if self.training or self.eval_sample_mask else probs
             canvas = canvas * (1 - mask) + paint * mask
         return canvas, (mu, logvar), projected
 

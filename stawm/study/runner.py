@@ -229,6 +229,6 @@ def _summary_line(result, swept: list[str], trial_id: str) -> str:
     scores = ("diverged" if m.get("diverged") else
               "  ".join(f"{k}={m[k]:.4f}" for k in (schema.TEST_ERROR, schema.VAL_ERROR, schema.TEST_RECON_LOSS)
                         if k in m))
-    verdict = "stable" if m.get("stability_ok", True) else f"FLAGGED: {m.get('stability_flags', '')}"
+    verdict = "conditions met" if m.get("stability_ok", True) else f"FLAGGED: {m.get('stability_flags', '')}"
     return f"{trial_id}  {shown}  {scores or 'no result'}  {verdict}"
 

@@ -61,7 +61,7 @@ def summary_line(record: dict) -> str:
         if key in record:
             parts.append(fmt.format(record[key]))
     parts.append(f"{record['epoch_seconds']:.1f}s ({record['images_per_second']:.0f} img/s)")
-    parts.append("stable" if record["stability_ok"] else f"FLAGGED: {','.join(record['stability_flags'])}")
+    parts.append("conditions met" if record["stability_ok"] else f"FLAGGED: {','.join(record['stability_flags'])}")
     return " | ".join(parts)
 
 

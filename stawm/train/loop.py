@@ -203,7 +203,8 @@ def epoch_record(monitor: StabilityMonitor, epoch: int, stats: EpochStats, *, st
         record["recon_loss"] = float(stats.recon) / steps
         record["kl"] = float(stats.kl) / steps
     memory = {"max_abs_w": float(stats.max_abs_w), "max_readout": float(stats.max_readout),
-              "readout_dead": float(stats.readout_dead) / steps, "readout_saturated": float(stats.readout_saturated) / steps,
+              "readout_dead": float(stats.readout_dead) / steps,  # the mean over the epoch's steps
+              "readout_saturated": float(stats.readout_saturated) / steps,
               "memory_bound_ratio": float(stats.memory_bound_ratio)}
     diverged = not (bool(stats.loss_finite) and bool(stats.grads_finite) and bool(stats.w_finite))
     verdict = monitor.observe(epoch, rates=rates, diverged=diverged, memory=memory)
