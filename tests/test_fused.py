@@ -20,7 +20,8 @@ from stawm.train.step import build_model, seed_everything
 
 TOL = 1e-4
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
-COMPARED = ("train_loss", "train_accuracy", "test_error", "max_w", "max_readout", "lr", "delta", "eta", "theta")
+COMPARED = ("train_loss", "train_accuracy", "test_error", "max_abs_w", "max_readout", "readout_dead",
+            "readout_saturated", "memory_bound_ratio", "lr", "delta", "eta", "theta")
 
 
 @pytest.fixture(scope="module")

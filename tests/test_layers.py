@@ -55,9 +55,9 @@ def test_the_blocker_blocks():
         import_all(["ray"], modules=["stawm.study.runner"])
 
 
-def test_config_schema_and_provenance_need_no_torch():
+def test_config_schema_conditions_and_provenance_need_no_torch():
     assert import_all(["torch", "ray", "mlflow"], modules=["stawm", "stawm.config", "stawm.schema",
-                                                          "stawm.provenance"]) == 4
+                                                          "stawm.conditions", "stawm.provenance"]) == 5
 
 
 def test_model_and_train_never_import_ray_or_mlflow():

@@ -105,10 +105,16 @@ def test_selfsup_loads_a_drawing_model():
 
 def test_memory_input_is_nonnegative_and_memory_stays_under_its_bound():
     cfg = shrunk("mnist-class-8")
+    model = STAWM(cfg).eval()
+    reads = []  # a classifier reads once, at the terminal state: (log_probs, W q before sigma)
+    model.classifier.register_forward_hook(lambda module, args, out: reads.append(out[1]))
     with torch.no_grad():
-        out = STAWM(cfg).eval()(torch.rand(4, 1, 28, 28))
+        out = model(torch.rand(4, 1, 28, 28))
     assert float(out.memory.min()) >= 0  # e >= 0 and post >= 0 keep W nonnegative from W = 0
-    assert float(out.max_w) <= cfg.eta / cfg.delta * 36
+    assert float(out.max_abs_w) <= cfg.eta / cfg.delta * 36
+    (projected,) = reads  # ReLU6 reads 0 at or below 0 and 6 at or above 6
+    assert float(out.readout_dead) == pytest.approx(float((projected <= 0).float().mean()))
+    assert float(out.readout_saturated) == pytest.approx(float((projected >= 6).float().mean()))
 
 
 # --- sizes and parameter counts, worked out by hand from Appendix D and the authors' layer lists ------------
@@ -286,8 +292,7 @@ def test_sketchpad_sums_the_nll_over_the_batch():
     model = STAWM(cfg)
     log_probs = torch.log_softmax(torch.randn(5, 10), dim=1)
     labels = torch.tensor([0, 3, 3, 7, 9])
-    out = Output(log_probs, None, None, torch.zeros(5, 2, 2, 3), torch.zeros(5, 16, 16), torch.zeros(()),
-                 torch.zeros(()))
+    out = Output(log_probs, None, None, torch.zeros(5, 2, 2, 3), torch.zeros(5, 16, 16), *torch.zeros(4))
     loss, parts = model.loss(out, torch.zeros(5, 1, 28, 28), labels)
     expected = -sum(float(log_probs[i, c]) for i, c in enumerate(labels.tolist()))  # summed, not averaged
     assert float(loss) == pytest.approx(expected, rel=1e-6)
