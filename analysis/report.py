@@ -211,6 +211,9 @@ def main(argv=None) -> int:
         if (args.results is None) == (args.study is None):
             raise BadInput("give --study (with --tracking-uri) or --from FOLDER of shipped results, one of them")
         baseline = parse_baseline(args.baseline)
+        if args.degraded_factor is not None and not args.degraded_factor > 0:
+            raise BadInput(f"--degraded-factor {args.degraded_factor:g}: give a factor above 0, e.g. 2 (twice the "
+                           f"paper-rate runs' error)")
         check_writable(args.out, "--out")  # before any work: a mistyped folder costs nothing
         if not args.no_curves:
             check_writable(args.cache_dir, "--cache-dir")

@@ -631,6 +631,9 @@ BAD_REPORT_INPUT = {  # extra flags: the one line on stderr
                                 "error: --baseline: baseline {'delta': 0.3} matches 0 rows of the table, not one; "
                                 "name values of the swept fields ['delta', 'learnable_rates']\n"),
     "metric no run logged": (["--metric", "test_eror"], None),
+    "degraded factor not above 0": (["--degraded-factor", "-1"],
+                                    "error: --degraded-factor -1: give a factor above 0, e.g. 2 (twice the paper-rate "
+                                    "runs' error)\n"),
 }
 
 
@@ -656,8 +659,8 @@ def test_report_bad_input_exits_2_with_one_line_and_writes_nothing(case, hand_st
 def test_report_help_documents_the_flags():
     done = _report("--help")
     assert done.returncode == 0 and "usage: stawm-report" in done.stdout
-    for flag in ("--study", "--tracking-uri", "--out", "--seeds", "--exclude-flagged", "--degraded-factor", "--baseline",
-                 "--cache-dir"):
+    for flag in ("--study", "--tracking-uri", "--out", "--seeds", "--exclude-flagged", "--degraded-factor",
+                 "--baseline", "--cache-dir"):
         assert flag in done.stdout
 
 
