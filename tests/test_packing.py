@@ -187,7 +187,7 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
         assert (tags[schema.STABILITY_OK], tags[schema.STABILITY_FLAGS], tags[schema.STABILITY_STATIC_OK],
                 tags[schema.STABILITY_DIVERGED]) == ("true", "", "true", "false")
         assert set(params) == FIELDS
-        for key in ("train_loss", "test_error", "best_test_error", "max_w", "lr"):
+        for key in ("train_loss", "test_error", "best_test_error", "max_abs_w", "readout_dead", "lr"):
             assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
         folder = Path(client.download_artifacts(run_id, "", str(tmp_path / run_id)))
         cfg = Config.from_flat(json.loads((folder / schema.CONFIG_ARTIFACT).read_text()))

@@ -100,11 +100,13 @@ def test_the_notebooks_run_headless_on_shipped_results(study, notebook, tmp_path
     run_notebook(REPO / "analysis" / f"{notebook}.ipynb", {"results": str(folder), "out_dir": str(tmp_path / "nb")},
                  tmp_path / f"{notebook}.ipynb", cwd=tmp_path)
     if notebook == "stability":
-        table = pd.read_csv(tmp_path / "nb" / "contingency.csv", index_col=0)
-        # the counts the README quotes for the fixed-rate grid: flagged 72 (24 failed), not flagged 144 (49)
-        assert table.loc["flagged", ["failed to train", "trained"]].tolist() == [24, 48]
-        assert table.loc["not flagged", ["failed to train", "trained"]].tolist() == [49, 95]
-        assert table.loc["total", "total"] == len(source.open_study(results=folder).runs) == 216
+        table = pd.read_csv(tmp_path / "nb" / "predictions.csv").set_index(["condition", "outcome"])
+        cells = ["flagged_and_outcome", "flagged_no_outcome", "outcome_not_flagged", "neither"]
+        # the counts the README quotes for the fixed-rate grid: `writes` flags the 72 runs that learned nothing
+        # and no other; `decay` flags 72, 29 of them among the 86 degraded
+        assert table.loc[("writes", "no_learning"), cells].tolist() == [72, 0, 0, 144]
+        assert table.loc[("decay", "degraded"), cells].tolist() == [29, 43, 57, 87]
+        assert table.loc[("decay", "degraded"), cells].sum() == len(source.open_study(results=folder).runs) == 216
         assert (tmp_path / "nb" / "error_heatmaps.png").stat().st_size > 10_000
     else:
         assert (tmp_path / "nb").is_dir() and any((tmp_path / "nb").glob("*.png"))

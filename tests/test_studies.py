@@ -92,9 +92,9 @@ def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
         assert (cfg.dataset, cfg.epochs, cfg.max_steps) == ("mnist-sample", 2, 3)
 
         run_id = child.info.run_id
-        for key in (schema.TRAIN_LOSS, "train_accuracy", schema.TEST_ERROR, *schema.RATE_METRICS, "max_w",
-                    "max_readout", "epoch_seconds", "images_per_second", "lr", "peak_memory_mb",
-                    schema.BEST_TEST_ERROR):
+        for key in (schema.TRAIN_LOSS, "train_accuracy", schema.TEST_ERROR, *schema.RATE_METRICS, "max_abs_w",
+                    "max_readout", "readout_dead", "readout_saturated", "memory_bound_ratio", "epoch_seconds",
+                    "images_per_second", "lr", "peak_memory_mb", schema.BEST_TEST_ERROR):
             assert epochs_logged(client, child, key) == [1, 2], key
         errors = [m.value for m in client.get_metric_history(run_id, schema.TEST_ERROR)]
         best = [m.value for m in client.get_metric_history(run_id, schema.BEST_TEST_ERROR)]

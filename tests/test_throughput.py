@@ -89,5 +89,5 @@ def test_compiled_model_runs_the_training_and_evaluation_steps(data, monkeypatch
     cfg = preset("tiny", epochs=1, max_steps=2, glimpses=1)  # one glimpse: a shorter graph to trace
     compiled = records(cfg, data=data, compile="reduce-overhead")
     assert calls == [("reduce-overhead", False)]  # static shapes
-    for key in ("train_loss", "train_accuracy", "test_error", "max_w"):
+    for key in ("train_loss", "train_accuracy", "test_error", "max_abs_w", "readout_dead", "readout_saturated"):
         assert compiled[0][key] == pytest.approx(records(cfg, data=data)[0][key], abs=1e-4), key
