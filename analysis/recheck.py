@@ -14,16 +14,14 @@ import math
 import pandas as pd
 
 from stawm import schema
-from stawm.conditions import CONDITIONS, check, failed
+from stawm.conditions import CONDITIONS, failed, note_failures
 
 
 def first_failed_epochs(activation: str, rates: list[tuple[int, dict]]) -> dict[str, int]:
     """condition -> the first epoch it failed, over `rates`: (epoch, {delta, eta, theta}) in epoch order."""
     first: dict[str, int] = {}
     for epoch, r in rates:
-        for name, ok in check(activation, r["delta"], r["eta"], r["theta"]).items():
-            if not ok:
-                first.setdefault(name, epoch)
+        note_failures(first, epoch, activation, r["delta"], r["eta"], r["theta"])
     return first
 
 

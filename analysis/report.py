@@ -27,6 +27,7 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -149,7 +150,7 @@ def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict,
         figures["condition_map"] = stability_plots.plot_condition_map(runs)
         figures["outcome_map"] = stability_plots.plot_outcome_map(runs, measured)
         figures["error_heatmaps"] = stability_plots.plot_error_heatmaps(
-            runs, metric, factor * reference if reference == reference else None)  # NaN: no paper-rate runs
+            runs, metric, factor * reference if math.isfinite(reference) else None)  # NaN: no paper-rate runs
         figures["error_by_rate"] = stability_plots.plot_error_by_rate(runs, metric)
         if set(stability_plots.MEMORY_STATE) <= set(runs.columns):
             figures["memory_state"] = stability_plots.plot_memory_state(runs)

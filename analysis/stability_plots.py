@@ -84,7 +84,7 @@ def _rate_map(runs: pd.DataFrame, colour: pd.Series, colours: dict, marker: pd.S
     axes[0].set_ylabel("eta (η)")
     handles = {f"c:{k}": Line2D([], [], marker="o", linestyle="none", color=v, label=k)
                for k, v in colours.items() if (colour == k).any()}  # one marker size: the size means a count
-    if markers is not None and len(set(marker)) > 1:
+    if len(set(marker)) > 1:
         handles.update({f"m:{k}": Line2D([], [], marker=v, linestyle="none", color="0.3", label=f"conditions: {k}")
                         for k, v in markers.items() if (marker == k).any()})
     for ax in axes:  # the reference lines, once each

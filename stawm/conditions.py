@@ -62,6 +62,17 @@ def check(activation: str, delta: float, eta: float, theta: float) -> dict[str, 
     }
 
 
+def note_failures(first: dict[str, int], epoch: int, activation: str, delta: float, eta: float,
+                  theta: float) -> dict[str, bool]:
+    """`check` one epoch's rates (epoch 0: the configured ones) and record in `first` the epoch each condition
+    first failed; returns the checks. The one bookkeeping of a run's monitor and of the analysis's re-check."""
+    checks = check(activation, delta, eta, theta)
+    for name, ok in checks.items():
+        if not ok:
+            first.setdefault(name, epoch)
+    return checks
+
+
 def failed(checks: dict[str, bool]) -> list[str]:
     """The conditions that flag a run (not informational) and fail, in table order."""
     return [name for name, c in CONDITIONS.items() if not c.informational and not checks.get(name, True)]

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..conditions import CONDITIONS, check, failed
+from ..conditions import CONDITIONS, failed, note_failures
 from ..config import Config
 from .heads import QUERY_BOUND
 
@@ -49,18 +49,16 @@ class StabilityMonitor:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.static = check(cfg.activation, cfg.delta, cfg.eta, cfg.theta)
-        self.first_failed: dict[str, int] = {name: 0 for name, ok in self.static.items() if not ok}
+        self.first_failed: dict[str, int] = {}
+        self.static = note_failures(self.first_failed, 0, cfg.activation, cfg.delta, cfg.eta, cfg.theta)
         self.diverged_epoch: int | None = None
         self.history: list[dict] = []
 
     def observe(self, epoch: int, *, rates: dict[str, float], diverged: bool, memory: dict[str, float]) -> dict:
         """One epoch: the conditions on its rates, whether it diverged (loss, gradients or W not finite),
         and the memory's statistics (kept in the history). Returns {'ok', 'failed'} so far."""
-        checks = check(self.cfg.activation, rates["delta"], rates["eta"], rates["theta"])
-        for name, ok in checks.items():
-            if not ok:
-                self.first_failed.setdefault(name, epoch)
+        checks = note_failures(self.first_failed, epoch, self.cfg.activation, rates["delta"], rates["eta"],
+                               rates["theta"])
         if diverged and self.diverged_epoch is None:
             self.diverged_epoch = epoch
         self.history.append({"epoch": epoch, **rates, **memory, "failed": failed(checks), "diverged": diverged})
