@@ -256,7 +256,8 @@ MEMORY_STATE = ("readout_dead", "readout_saturated", "max_abs_w")  # the last ep
 def plot_memory_state(runs: pd.DataFrame) -> Figure:
     """What the memory looked like at the end of training, against delta, one line per theta: the fraction
     of read-outs sigma(W q) at 0 (dead units) and at Lambda (saturated), and the largest |W| (log scale).
-    Mean ± std (ddof=1) over every run at a value (seeds and eta pooled); every run counts."""
+    Read-outs: mean ± std (ddof=1) over every run at a value (seeds and eta pooled); |W|, which spans orders of
+    magnitude and is never negative: median and interquartile range. Every run counts."""
     import seaborn as sns
 
     delta, _, theta = schema.RATE_METRICS
@@ -266,21 +267,24 @@ def plot_memory_state(runs: pd.DataFrame) -> Figure:
     levels = [f"{t:g}" for t in sorted(runs[theta].unique())]
     data = runs.assign(θ=runs[theta].map(lambda t: f"{t:g}"))
     labels = {"readout_dead": "read-outs at 0 (%)", "readout_saturated": "read-outs at Λ (%)",
-              "max_abs_w": "max |W|"}
+              "max_abs_w": "max |W| (median, quartiles)"}
     fig, axes = style.figure(3, width=3.8)
     for ax, metric in zip(axes, MEMORY_STATE):
-        scale = 1 if metric == "max_abs_w" else 100
-        sns.pointplot(data=data.assign(y=data[metric].astype(float) * scale), x=delta, y="y", hue="θ",
-                      hue_order=levels, palette=style.palette(len(levels)), errorbar="sd", markersize=4,
-                      linewidth=1, capsize=0.1, dodge=0.3 if len(levels) > 1 else False, ax=ax)
+        weights = metric == "max_abs_w"
+        sns.pointplot(data=data.assign(y=data[metric].astype(float) * (1 if weights else 100)), x=delta, y="y",
+                      hue="θ", hue_order=levels, palette=style.palette(len(levels)),
+                      estimator="median" if weights else "mean", errorbar=("pi", 50) if weights else "sd",
+                      markersize=4, linewidth=1, capsize=0.1, dodge=0.3 if len(levels) > 1 else False, ax=ax)
         ax.set_xticks(range(runs[delta].nunique()), [f"{v:g}" for v in sorted(runs[delta].unique())])
         ax.set_xlabel("delta (δ)")
         ax.set_ylabel(labels[metric])
-        if metric == "max_abs_w":
+        if weights:
             ax.set_yscale("symlog", linthresh=1e-3)  # W = 0 exactly where nothing is written
+            ax.set_ylim(bottom=0)
         if ax is not axes[-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
     sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=7, title_fontsize=7)
-    style.title(axes[0], f"the memory at the last epoch (each run's mean over its steps; max over them for |W|): "
-                         f"mean ± std over every run at a δ ({len(runs)} runs)", 10, suptitle=True)
+    style.title(axes[0], f"the memory at the last epoch (each run's mean over its steps; max over them for |W|), "
+                         f"every run at a δ ({len(runs)} runs): read-outs mean ± std, |W| median and quartiles",
+                10, suptitle=True)
     return style.finish(fig)
