@@ -588,7 +588,9 @@ LOAD_MNIST_SCRIPT = textwrap.dedent("""
 
     def load():
         bundle = stawm.train.data.load_data("mnist", root)
-        print("LOADED", len(bundle.train), bundle.digest(), flush=True)
+        # one write of one line: forked workers share the pipe, and print's separate writes interleave
+        # ("LOADEDLOADED 60000 ..."); a write under PIPE_BUF bytes is atomic
+        os.write(1, f"LOADED {len(bundle.train)} {bundle.digest()}\\n".encode())
 
     if workers == 1:
         load()
