@@ -270,15 +270,15 @@ def plot_memory_state(runs: pd.DataFrame) -> Figure:
               "max_abs_w": "max |W| (median, quartiles)"}
     fig, axes = style.figure(3, width=3.8)
     for ax, metric in zip(axes, MEMORY_STATE):
-        weights = metric == "max_abs_w"
-        sns.pointplot(data=data.assign(y=data[metric].astype(float) * (1 if weights else 100)), x=delta, y="y",
+        w_panel = metric == "max_abs_w"  # |W|: heavy-tailed, never negative
+        sns.pointplot(data=data.assign(y=data[metric].astype(float) * (1 if w_panel else 100)), x=delta, y="y",
                       hue="θ", hue_order=levels, palette=style.palette(len(levels)),
-                      estimator="median" if weights else "mean", errorbar=("pi", 50) if weights else "sd",
+                      estimator="median" if w_panel else "mean", errorbar=("pi", 50) if w_panel else "sd",
                       markersize=4, linewidth=1, capsize=0.1, dodge=0.3 if len(levels) > 1 else False, ax=ax)
         ax.set_xticks(range(runs[delta].nunique()), [f"{v:g}" for v in sorted(runs[delta].unique())])
         ax.set_xlabel("delta (δ)")
         ax.set_ylabel(labels[metric])
-        if weights:
+        if w_panel:
             ax.set_yscale("symlog", linthresh=1e-3)  # W = 0 exactly where nothing is written
             ax.set_ylim(bottom=0)
         if ax is not axes[-1] and ax.get_legend() is not None:
