@@ -37,7 +37,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 import yaml
@@ -46,7 +45,8 @@ from mlflow import MlflowClient
 from stawm import schema
 from stawm.study import cluster, flags, gpu_share, preflight
 
-from conftest import SESSION_SERVER, _free_port, _stop_group, _wait_until_answers, early_result
+from conftest import (SESSION_SERVER, _free_port, _stop_group, _wait_until_answers, early_result,
+                      stop_processes_naming)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray, python: the suite's environment, as a cluster image has them on PATH
@@ -69,7 +69,7 @@ class FakeCluster:
 
     def stop(self) -> None:
         _stop_group(self.head, grace_s=1)  # nothing to flush: a fake cluster's state dies with it
-        _stop_processes_naming(str(self.temp_dir))
+        stop_processes_naming(str(self.temp_dir))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -171,17 +171,6 @@ def fake_cluster():
         yield cluster
     finally:
         cluster.stop()
-
-
-def _stop_processes_naming(text: str) -> None:
-    """SIGKILL what is left of this cluster: the processes whose command line names its temp dir."""
-    mine = [p for p in psutil.process_iter(["cmdline"]) if text in " ".join(p.info["cmdline"] or [])]
-    for process in mine:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(mine, timeout=10)
 
 
 @pytest.fixture

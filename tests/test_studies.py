@@ -1,8 +1,9 @@
 """Every study in small mode (--quick), run as a user runs them: a subprocess, real Ray, real MLflow (SQLite).
 
 glimpse_size runs on its own local Ray, the path a user takes without RAY_ADDRESS (the session's
-`quick_study`); the others are submitted one after another to one Ray cluster, logging to one MLflow
-store (the session's `studies`, see conftest). Every run is capped at 3 steps an epoch. The tests
+`quick_study`); the others are submitted in three lanes to one Ray cluster, one trial at a time each,
+logging to one MLflow store (the session's `studies`, see conftest). Both start in the background when the
+tests are collected. Every run is capped at 3 steps an epoch. The tests
 check what lands in MLflow: one parent per experiment, its children nested under it, run counts per
 stage, statuses, params and metrics. Bad arguments are checked in-process through a study's
 `main(argv)`, and once through the script itself.
@@ -328,6 +329,7 @@ BAD_SETTINGS = {  # through a study's main(argv), in-process (no Python start-up
     "bad value": (["--set", "glimpses=many"], ["glimpses='many' is not a valid int"]),
     "impossible glimpse": (["--set", "glimpse_size=4"], ["4x4", "glimpse_size"]),
     "bad epochs": (["--epochs", "0"], ["--epochs", "at least 1"]),
+    "negative retries": (["--max-failures", "-1"], ["--max-failures", "at least 0, got -1"]),
     "cuda without GPUs": (["--device", "cuda"], ["--gpus-per-trial"]),
 }
 

@@ -25,6 +25,7 @@ from ..train.data import MissingDataError, load_data
 from .gpu_share import GPU_SAFETY, MAX_TRIALS_PER_GPU, PROBE_STEPS
 from ..provenance import redact
 from . import preflight
+from .outbox import BUDGET_ENV, DEFAULT_BUDGET_S, budget_from_env
 
 QUICK = dict(preset="tiny", seeds=2, epochs=1, dataset="mnist-sample")  # a few minutes on 2 CPU cores
 
@@ -33,6 +34,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def natural_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -74,12 +82,18 @@ class StudyArgs:
     cpus_per_trial: float = _help("CPUs per trial", default=1.0)
     max_concurrent: int = _help("most trials running at once (default: as many as the resources allow)",
                                 positive_int, default=0)
+    max_failures: int = _help("times Tune retries a failed trial from its last checkpoint (a lost node, a "
+                              "tracking server down past its budget) before it is ERROR", natural_int, default=2)
     name: str = _help("the study's name: MLflow experiment, parent run and Ray experiment "
                       "(default: the script's name)", default="")
     resume: bool = _help("continue the study of this --name: unfinished and errored trials resume from "
                          "their checkpoints, into their own MLflow runs", default=False)
     tracking_uri: str = _help("MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)",
                               default="")
+    tracking_outage_budget: float = _help(
+        "seconds a trial keeps training while the tracking server does not answer, its epochs queued and logged "
+        f"when it answers again; past it the trial fails, its epochs kept for --resume (default: ${BUDGET_ENV} "
+        f"or {DEFAULT_BUDGET_S:.0f})", default=0.0)
     storage: str = _help("Ray storage path or URI for checkpoints and results (default: ./ray_results); "
                          "several nodes need shared storage", default="")
     data_root: str = _help("dataset folder (default: $STAWM_DATA or ~/.cache/stawm)", default="")
@@ -140,6 +154,9 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
             raise ValueError("--device cuda needs --gpus-per-trial > 0 (Ray hides GPUs from trials that ask none)")
         if args.cpus_per_trial <= 0:
             raise ValueError("--cpus-per-trial must be > 0")
+        if args.tracking_outage_budget < 0:
+            raise ValueError("--tracking-outage-budget must be > 0 seconds")
+        args.tracking_outage_budget = args.tracking_outage_budget or budget_from_env()
         changes = {"dataset": QUICK["dataset"], "epochs": QUICK["epochs"]} if args.quick else {}
         if args.authors_code:  # preset() applies it to whichever preset a configuration starts from
             changes["authors_code"] = True

@@ -35,7 +35,7 @@ from ray import tune
 
 from .. import provenance, schema
 from ..train import CHECKPOINT
-from . import cluster, gpu_share, preflight, tracking
+from . import cluster, gpu_share, outbox, preflight, tracking
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, positive_int, seed_space, seeds, variant
 from .trial import RUNNER_KEYS, member_seeds, trainable, trial_config
 from .tune_checkpoints import checkpoint_uri, read_state
@@ -60,6 +60,7 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -
     tracking store for the cluster's shape (what it can grow to), write a probe artifact, and create (or, with
     --resume, reopen) the study's MLflow parent run."""
     name = name or args.name
+    outbox.bound_client_retries()  # before Ray starts: local trials inherit it
     if not ray.is_initialized():
         env = {"MLFLOW_TRACKING_URI": args.tracking_uri,
                # trials import stawm: from this checkout when it is not installed on the nodes
@@ -90,7 +91,8 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -
         parent = tracking.reopen_study_run(client, found)
     base = {**args.config, "_study": name, "_experiment_id": experiment_id, "_parent_run_id": parent,
             "_swept": [s for s in swept if s != "seed"], "_source": source,
-            "_tracking_uri": args.tracking_uri, "_git_commit": commit, "_git_dirty": dirty,
+            "_tracking_uri": args.tracking_uri, "_tracking_outage_budget": args.tracking_outage_budget,
+            "_git_commit": commit, "_git_dirty": dirty,
             "_data_root": args.data_root, "_device": args.device, "_gpu_fraction": args.gpus_per_trial,
             "_gpu_overhead_mb": args.gpu_choice.get("probe_overhead_mb", 0.0), "_fuse_seeds": args.fuse_seeds}
     return Study(name, parent, experiment_id, args.tracking_uri, list(swept), base)
@@ -112,7 +114,7 @@ def tune_config(args: StudyArgs, **options) -> tune.TuneConfig:
 
 
 def run_config(args: StudyArgs, name: str | None = None) -> tune.RunConfig:
-    """A failed trial is retried twice from its last checkpoint.
+    """A failed trial is retried from its last checkpoint, --max-failures times (2 by default).
 
     Tune deletes no checkpoint (num_to_keep=None): the trial empties older ones itself, and a resumed
     trial continues from the newest complete one (why: `stawm.tune_checkpoints`).
@@ -120,7 +122,7 @@ def run_config(args: StudyArgs, name: str | None = None) -> tune.RunConfig:
     return tune.RunConfig(
         name=name or args.name,
         storage_path=args.storage,
-        failure_config=tune.FailureConfig(max_failures=2),
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
     )
 
@@ -185,18 +187,21 @@ def optuna_storage(args: StudyArgs, study_name: str, url: str = ""):
 def finish_study(study: Study, results) -> int:
     """Close runs Tune stopped from outside, end the parent run, print one line per trial; 0 if no trial errored.
 
-    `results`: a ResultGrid, or the Results of several Tuners of one study."""
+    `results`: a ResultGrid, or the Results of several Tuners of one study. A tracking server that does not
+    answer is waited for within the outage budget; past it the runs stay RUNNING for --resume to close."""
     results = list(results)
-    client = MlflowClient(study.tracking_uri)
-    errors = 0
+    errors = sum(result.error is not None for result in results)
     print(f"\n{study.name}: {len(results)} trials")
     for result in results:
-        trial_id = result.metrics.get("trial_id")  # absent if the trial never reported
-        if trial_id:
-            _close_left_running(client, study, trial_id, result)
-        errors += result.error is not None
-        print("  " + _summary_line(result, study.swept, trial_id or Path(result.path).name))
-    client.set_terminated(study.parent_run_id, "FAILED" if errors else "FINISHED")
+        print("  " + _summary_line(result, study.swept, result.metrics.get("trial_id") or Path(result.path).name))
+    server = outbox.Server(study.tracking_uri, study.base_config["_tracking_outage_budget"], "the study driver")
+    try:
+        server.wait_call(_close_study, study, results, errors, doing="waits to close the study's runs")
+    except outbox.OutageBudgetExceeded as err:
+        print(f"{err}; the study's runs stay RUNNING until the same command with --resume closes them", flush=True)
+        errors += 1
+    if outage := _outage_line(results, server):
+        print(outage)
     # MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag says; the URL chooses training
     page = f"#/experiments/{study.experiment_id}?workflowType=machine_learning"
     uri = provenance.redact(study.tracking_uri)
@@ -204,6 +209,29 @@ def finish_study(study: Study, results) -> int:
              if not uri.startswith("http") else f"{uri.rstrip('/')}/{page}")
     print(f"MLflow experiment {study.name!r}, parent run {study.parent_run_id}: {where}", flush=True)
     return 1 if errors else 0
+
+
+def _close_study(study: Study, results: list, errors: int) -> None:
+    """The trials' runs left RUNNING, then the parent run: all again if the server stops answering midway
+    (each step can be repeated)."""
+    client = MlflowClient(study.tracking_uri)
+    for result in results:
+        if result.metrics.get("trial_id"):  # absent if the trial never reported
+            _close_left_running(client, study, result.metrics["trial_id"], result)
+    client.set_terminated(study.parent_run_id, "FAILED" if errors else "FINISHED")
+
+
+def _outage_line(results: list, driver: outbox.Server) -> str:
+    """One line if the tracking server stopped answering during the study (from the trials' last reports and the
+    driver's own wait), else ""."""
+    hit = [r.metrics for r in results if r.metrics.get("tracking_outages")]
+    if not hit and not driver.outages:
+        return ""
+    parts = [f"{len(hit)} of {len(results)} trials rode it out, training on (their lines above say how long)"
+             ] if hit else []
+    if driver.outages:
+        parts.append(f"the driver waited {driver.counts()['tracking_down_s']:.0f} s to close the runs")
+    return f"tracking server {provenance.redact(driver.uri)} stopped answering during the study: {'; '.join(parts)}"
 
 
 def _close_left_running(client: MlflowClient, study: Study, trial_id: str, result) -> None:

@@ -28,15 +28,16 @@ from ..config import Config
 from ..model.stability import StabilityMonitor
 from ..train import CHECKPOINT, train
 from ..train.data import load_training_data
-from . import tracking
+from . import outbox, tracking
 from .gpu_share import trial_device
-from .tune_checkpoints import checkpoint_uri, keep_only, local_pretrained, restore_newest, save_state
+from .tune_checkpoints import checkpoint_uri, keep_only, local_pretrained, newest_state, restore_newest, save_state
 
 RUNNER_KEYS = {
     "_study": "the study's name (MLflow experiment)",
     "_experiment_id": "MLflow experiment id of the study",
     "_parent_run_id": "MLflow parent run of the study",
     "_tracking_uri": "MLflow tracking URI; trials on other nodes do not see the driver's environment",
+    "_tracking_outage_budget": "seconds a trial rides out a tracking server that does not answer (outbox)",
     "_git_commit": "commit of the driver's checkout ($STAWM_GIT_COMMIT in a Ray job, which has no .git)",
     "_git_dirty": "whether that checkout had uncommitted changes (None: unknown)",
     "_source": "the study script (MLflow's source name)",
@@ -50,6 +51,8 @@ RUNNER_KEYS = {
     "_variant": "dict of config fields set on top of the rest (explicit lists of configurations)",
 }
 
+UNLOGGED = "unlogged"  # in a member's saved runner state: the epochs its run did not hold yet (the outbox's)
+
 
 @dataclass
 class Member:
@@ -59,7 +62,6 @@ class Member:
     run_id: str
     resumed: bool  # the run existed: a retried or restored trial goes on in it
     state: dict  # the runner state: its stability report, best test error, whether it stopped (checkpointed)
-    logged: int = 0  # the last epoch its run holds (a retry killed between a log and its report has one more)
     open: bool = True  # its run is RUNNING
 
 
@@ -69,21 +71,29 @@ def trainable(config: dict) -> None:
     Retried or restored, it continues from its newest checkpoint and into the same MLflow runs. A
     diverging member stops after its diverged epoch, flagged; its run ends FINISHED and the other
     members go on. An exception ends the open runs FAILED and is re-raised so that Tune retries the trial.
+    A tracking server that stops answering is ridden out (`stawm.study.outbox`): the epochs wait in the
+    trial's outbox, and in its checkpoints, until it answers again or the outage budget runs out.
     """
     if config.get("_fuse_seeds") and "_seeds" not in config:
         raise ValueError("--fuse-seeds: this study's search space has no `_seeds`; only studies that take "
                          "their seed axis from runner.seed_space(args) can fuse seeds")
     cfgs = member_configs(config)
     context = tune.get_context()
+    outbox.bound_client_retries()
     client = MlflowClient(config["_tracking_uri"])
+    server = outbox.Server(config["_tracking_uri"], config.get("_tracking_outage_budget", outbox.DEFAULT_BUDGET_S),
+                           f"trial {context.get_trial_name()}")
+    checkpoint = tune.get_checkpoint()  # None on a trial's first attempt
+    if checkpoint is not None:  # a retry in an outage goes on counting it: the budget is the trial's, not the attempt's
+        server.went_on(newest_state(checkpoint)[1].get("tracking_down_since"))
     device, gpu = trial_device(config)
     placement = {schema.NODE: _ray_node(), schema.DEVICE: device, schema.GPU: gpu}
-    members = [Member(cfg, *tracking.open_trial_run(client, config, cfg, context.get_trial_id(),
-                                                    context.get_trial_name(), placement,
-                                                    member=k if len(cfgs) > 1 else None),
+    members = [Member(cfg, *server.wait_call(tracking.open_trial_run, client, config, cfg, context.get_trial_id(),
+                                             context.get_trial_name(), placement, k if len(cfgs) > 1 else None,
+                                             doing="waits to open its runs"),
                       state={"stability": StabilityMonitor(cfg).report()})  # before any epoch: the static check
                for k, cfg in enumerate(cfgs)]
-    checkpoint = tune.get_checkpoint()  # None on a trial's first attempt
+    box = outbox.Outbox(client, server)
     for stale in Path(tempfile.gettempdir()).glob(f"stawm-{context.get_trial_id()}-*"):  # a killed attempt's
         shutil.rmtree(stale, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"stawm-{context.get_trial_id()}-"))
@@ -94,50 +104,59 @@ def trainable(config: dict) -> None:
             epoch = saved["epoch"]
             for member, state in zip(members, saved["members"]):
                 member.state = state
-        _close_stopped(client, members)  # stopped before the restart: their runs stay closed
-        for member in members:
-            member.logged = tracking.last_logged_epoch(client, member.run_id) if member.resumed else 0
+        for member in members:  # what the run holds, and what the checkpoint kept unlogged
+            logged = (server.wait_call(tracking.last_logged_epoch, client, member.run_id, doing="waits to resume")
+                      if member.resumed else 0)
+            box.track(member.run_id, logged, member.state.pop(UNLOGGED, []))
+            if checkpoint is not None:
+                box.checkpoint(member.run_id, checkpoint_uri(checkpoint, CHECKPOINT))
+        _close_stopped(box, members)  # stopped before the restart: their runs stay closed
         epochs = []
         if any(member.open for member in members):
             data = load_training_data(cfgs[0], config.get("_data_root") or None, torch.device(device))
             for member in members:
-                tracking.ensure_dataset(client, member.run_id, data)
+                server.wait_call(tracking.ensure_dataset, client, member.run_id, data, doing="waits to log its dataset")
             epochs = train([local_pretrained(cfg) for cfg in cfgs], device=device, data=data, checkpoint_dir=workdir,
                            resume=checkpoint is not None)
         for records in epochs:
             epoch = next(record["epoch"] for record in records if record is not None)
-            results = [_epoch(client, member, record, epoch) for member, record in zip(members, records)]
-            save_state(workdir, epoch, [member.state for member in members])
-            tune.report(tune_report(results, [cfg.seed for cfg in cfgs]),
+            results = [_epoch(box, member, record, epoch) for member, record in zip(members, records)]
+            box.flush()
+            save_state(workdir, epoch, [{**member.state, UNLOGGED: box.unlogged(member.run_id)} for member in members],
+                       server.down_since)
+            tune.report({**tune_report(results, [cfg.seed for cfg in cfgs]), **server.counts()},
                         checkpoint=tune.Checkpoint.from_directory(workdir))
             checkpoint = keep_only(tune.get_checkpoint(), checkpoint)  # report returns once it is stored
             uri = checkpoint_uri(checkpoint, CHECKPOINT)
             for member in members:
                 if member.open:
-                    tracking.set_checkpoint(client, member.run_id, uri)
-            _close_stopped(client, members)  # a diverged member: closed, flagged; the rest go on
+                    box.checkpoint(member.run_id, uri)
+            box.flush()  # the checkpoint tags
+            _close_stopped(box, members)  # a diverged member: closed, flagged; the rest go on
+            server.check_budget(box.describe())  # after the checkpoint: it holds every epoch still unlogged
+        box.drain()
     except SystemExit:  # Tune stopped the trial inside tune.report (a scheduler's decision): not a failure
         shutil.rmtree(workdir, ignore_errors=True)  # first: Tune may end this process any moment now
         for member in members:
-            _close(client, member, "FINISHED", stopped_early=epoch < member.cfg.epochs)
+            _close_now(box, member, "FINISHED", stopped_early=epoch < member.cfg.epochs)
         raise
     except BaseException:
         for member in members:
-            _close(client, member, "FAILED")
+            _close_now(box, member, "FAILED")
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for member in members:
-        _close(client, member, "FINISHED")
+        if member.open:
+            server.wait_call(_close, box.client, member, "FINISHED", doing="waits to close its runs")
 
 
-def _epoch(client: MlflowClient, member: Member, record: dict | None, epoch: int) -> dict:
-    """A member's epoch into its MLflow run (once) and its state; returns what Tune would see of it alone."""
+def _epoch(box: outbox.Outbox, member: Member, record: dict | None, epoch: int) -> dict:
+    """A member's epoch into its outbox (once) and its state; returns what Tune would see of it alone."""
     if record is None:  # stopped in an earlier epoch: it diverged
         return tune_metrics({}, {"stability": member.state["stability"], "diverged": True}, member.cfg)
     metrics, member.state = member_epoch(record, member.state)
-    if epoch > member.logged:
-        tracking.log_epoch(client, member.run_id, epoch, metrics, record["stability"])
+    box.add(member.run_id, epoch, metrics, record["stability"])
     return tune_metrics(metrics, record, member.cfg)
 
 
@@ -148,11 +167,20 @@ def _close(client: MlflowClient, member: Member, status: str, **kwargs) -> None:
         member.open = False
 
 
-def _close_stopped(client: MlflowClient, members: list[Member]) -> None:
-    """Close the runs of members that stopped (diverged): FINISHED, their verdict in the tags."""
+def _close_now(box: outbox.Outbox, member: Member, status: str, **kwargs) -> None:
+    """Close the member's run on the way out (failed, or stopped by Tune): its queued epochs first, with one try
+    each and no wait. A server that does not answer leaves the run RUNNING, its epochs in the last checkpoint:
+    a retry or --resume logs them, and the driver closes what stays open (`runner.finish_study`)."""
+    if member.open and box.server.down_since is None and box.flush():
+        box.server.try_call(_close, box.client, member, status, **kwargs)
+
+
+def _close_stopped(box: outbox.Outbox, members: list[Member]) -> None:
+    """Close the runs of members that stopped (diverged), once their epochs are logged: FINISHED, their verdict
+    in the tags. While the server does not answer they stay open, and close at a later epoch or the end."""
     for member in members:
-        if member.state.get("stopped"):
-            _close(client, member, "FINISHED")
+        if member.open and member.state.get("stopped") and box.flush():
+            box.server.try_call(_close, box.client, member, "FINISHED")
 
 
 def _ray_node() -> str:

@@ -40,9 +40,11 @@ def checkpoint_uri(checkpoint: tune.Checkpoint, filename: str) -> str:
     return f"{URI_SCHEMES.get(kind, kind)}://{path}"
 
 
-def save_state(workdir: Path, epoch: int, members: list[dict]) -> None:
-    """The runner state beside the epoch's checkpoint: its size (to tell a whole copy) and each member's state."""
-    state = {"epoch": epoch, "checkpoint_bytes": (workdir / CHECKPOINT).stat().st_size, "members": members}
+def save_state(workdir: Path, epoch: int, members: list[dict], tracking_down_since: float | None = None) -> None:
+    """The runner state beside the epoch's checkpoint: its size (to tell a whole copy), each member's state, and
+    since when the tracking server has not answered (None: it answers), so that a retry goes on counting."""
+    state = {"epoch": epoch, "checkpoint_bytes": (workdir / CHECKPOINT).stat().st_size, "members": members,
+             "tracking_down_since": tracking_down_since}
     (workdir / RUNNER_STATE).write_text(json.dumps(state))
 
 
@@ -52,9 +54,9 @@ def read_state(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def restore_newest(checkpoint: tune.Checkpoint, workdir: Path) -> tuple[tune.Checkpoint, dict]:
-    """Copy the trial's newest complete checkpoint into workdir (the one Tune names may be older or
-    emptied), empty the others; return it and its runner state."""
+def newest_state(checkpoint: tune.Checkpoint) -> tuple[str, dict, list[str]]:
+    """The trial's newest complete checkpoint folder (the one Tune names may be older or emptied), its runner
+    state, and every checkpoint folder of the trial."""
     fs, folder = checkpoint.filesystem, posixpath.dirname(checkpoint.path)
     folders = [info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
                if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
@@ -62,12 +64,18 @@ def restore_newest(checkpoint: tune.Checkpoint, workdir: Path) -> tuple[tune.Che
     if not complete:
         raise RuntimeError(f"no complete checkpoint left in {folder} to resume this trial from")
     newest = max(complete, key=lambda path: complete[path]["epoch"])
-    restored = tune.Checkpoint(newest, filesystem=fs)
+    return newest, complete[newest], folders
+
+
+def restore_newest(checkpoint: tune.Checkpoint, workdir: Path) -> tuple[tune.Checkpoint, dict]:
+    """Copy the trial's newest complete checkpoint into workdir, empty the others; return it and its runner state."""
+    newest, state, folders = newest_state(checkpoint)
+    restored = tune.Checkpoint(newest, filesystem=checkpoint.filesystem)
     restored.to_directory(str(workdir))
     for path in folders:
         if path != newest:
-            drop_payload(fs, path)
-    return restored, complete[newest]
+            drop_payload(checkpoint.filesystem, path)
+    return restored, state
 
 
 def _complete_state(fs, path: str) -> dict | None:
