@@ -210,9 +210,9 @@ def pytest_collection_finish(session):
         _EARLY[name] = _EARLY_POOL.submit(_timed, name, start, after)
 
 
-# The quick study starts Ray in its own process, whose start-up has a fixed 30 s deadline for the node to register
-# (ray/_private/node.py: "The current node timed out during startup"), missed on these 2 cores when the rest of
-# the background work starts at the same moment (seen twice). That work waits for it, up to QUICK_RAY_WAIT_S.
+# The quick study starts Ray in its own process, whose node must register within Ray's fixed 30 s (see
+# RAY_NODE_STARTING), missed on these 2 cores when the rest of the background work starts at the same moment (seen
+# twice). That work waits for it, up to QUICK_RAY_WAIT_S.
 QUICK_RAY_UP = threading.Event()
 QUICK_RAY_WAIT_S = 120
 _EARLY_SECONDS: dict[str, float] = {}
@@ -357,27 +357,39 @@ class RayHead:
         stop_processes_naming(str(self.temp_dir))
 
 
-def start_ray_head(num_cpus: int) -> RayHead:
+# Ray gives a starting node a fixed 30 s to register with its GCS (ray/_private/node.py: "The current node timed
+# out during startup"). On these 2 cores, with the background work starting at once, `ray start` missed it (load
+# average 16-23, seen three times): the background's Ray nodes start one at a time, each holding this lock until
+# it is up, and the studies' head gets a second try.
+RAY_NODE_STARTING = threading.Lock()
+
+
+def start_ray_head(num_cpus: int, tries: int = 2) -> RayHead:
     """`ray start --head` with its own port and temp dir: only drivers given its address (RAY_ADDRESS) join it.
     (`ray.cluster_utils.Cluster` and a plain `ray start` write /tmp/ray/ray_current_cluster, which any plain
     `ray.init()` on the machine then joins: a test's own local Ray would find the studies' cluster.)"""
-    temp_dir = _temp_dir("rh")
-    address = f"127.0.0.1:{_free_port()}"
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               f"--port={address.rsplit(':', 1)[1]}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-               f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false",
-               f"--ray-client-server-port={_free_port()}"]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}, **NO_AUTH}
-    with open(temp_dir / "head.log", "wb") as log:
-        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    ray_head = RayHead(address, temp_dir, head)
-    deadline = time.monotonic() + RAY_START_S
-    while not (temp_dir / "ray_current_cluster").exists():  # written once the head's GCS and raylet are up
-        if head.poll() is not None or time.monotonic() > deadline:
-            ray_head.stop()
-            raise RuntimeError(f"ray start --head did not come up:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
-        time.sleep(0.2)
-    return ray_head
+    for attempt in range(1, tries + 1):
+        temp_dir = _temp_dir("rh")
+        address = f"127.0.0.1:{_free_port()}"
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                   f"--port={address.rsplit(':', 1)[1]}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                   f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false",
+                   f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+        env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}, **NO_AUTH}
+        with RAY_NODE_STARTING, open(temp_dir / "head.log", "wb") as log:
+            head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            ray_head = RayHead(address, temp_dir, head)
+            deadline = time.monotonic() + RAY_START_S
+            while not (temp_dir / "ray_current_cluster").exists():  # written once the head's GCS and raylet are up
+                if head.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            else:
+                return ray_head
+        ray_head.stop()
+        if attempt == tries:
+            raise RuntimeError(f"ray start --head did not come up ({tries} tries); the last one's log:\n"
+                               f"{(temp_dir / 'head.log').read_text()[-3000:]}")
 
 
 class _SessionRay:
@@ -437,9 +449,10 @@ def run_quick_study() -> dict:
         study = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
     try:
         deadline = time.monotonic() + QUICK_RAY_WAIT_S
-        while ("Started a local Ray instance" not in (tmp / "stderr").read_text(errors="replace")
-               and study.poll() is None and time.monotonic() < deadline):
-            time.sleep(0.5)
+        with RAY_NODE_STARTING:
+            while ("Started a local Ray instance" not in (tmp / "stderr").read_text(errors="replace")
+                   and study.poll() is None and time.monotonic() < deadline):
+                time.sleep(0.5)
         QUICK_RAY_UP.set()
         study.wait(timeout=600)
     finally:

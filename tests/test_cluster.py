@@ -45,8 +45,8 @@ from mlflow import MlflowClient
 from stawm import schema
 from stawm.study import cluster, flags, gpu_share, preflight
 
-from conftest import (SESSION_SERVER, _free_port, _stop_group, _wait_until_answers, early_result,
-                      stop_processes_naming)
+from conftest import (RAY_NODE_STARTING, SESSION_SERVER, _free_port, _stop_group, _wait_until_answers,
+                      early_result, stop_processes_naming)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray, python: the suite's environment, as a cluster image has them on PATH
@@ -117,15 +117,16 @@ def start_fake_cluster() -> FakeCluster:
                f"--num-cpus={int(head_cpus)}", "--num-gpus=0", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
                f"--dashboard-agent-listen-port={_free_port()}"]
-    with open(temp_dir / "head.log", "wb") as log:
-        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = FakeCluster(gcs, f"http://127.0.0.1:{dashboard}", env, temp_dir, head)
-    try:
-        _wait_until_answers(f"{cluster.dashboard}/api/jobs/", head, temp_dir / "head.log", START_S,
-                            "the fake cluster's head (ray start)")
-    except BaseException:
-        cluster.stop()
-        raise
+    with RAY_NODE_STARTING:  # one Ray node starting at a time in the suite's background work (conftest)
+        with open(temp_dir / "head.log", "wb") as log:
+            head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster = FakeCluster(gcs, f"http://127.0.0.1:{dashboard}", env, temp_dir, head)
+        try:
+            _wait_until_answers(f"{cluster.dashboard}/api/jobs/", head, temp_dir / "head.log", START_S,
+                                "the fake cluster's head (ray start)")
+        except BaseException:
+            cluster.stop()
+            raise
     return cluster
 
 
