@@ -19,6 +19,8 @@ from pathlib import Path
 
 import nbformat
 
+KERNEL_START_S = 300  # how long the kernel may take to answer (nbclient's default is 60 s)
+
 
 def inject_parameters(nb: nbformat.NotebookNode, parameters: dict) -> nbformat.NotebookNode:
     """A copy of the notebook with `name = repr(value)` lines in a cell after the parameters cell."""
@@ -60,7 +62,9 @@ def run_notebook(path: str | Path, parameters: dict, out_path: str | Path | None
     check_kernel()
     nb = inject_parameters(nbformat.read(str(path), as_version=4), parameters)
     cwd = Path(cwd) if cwd is not None else Path.cwd()
-    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+    # startup_timeout: nbclient's 60 s for the kernel to answer was missed on a loaded 2-core machine
+    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, startup_timeout=KERNEL_START_S,
+                            resources={"metadata": {"path": str(cwd)}})
     try:
         try:
             asyncio.get_running_loop()

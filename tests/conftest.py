@@ -173,7 +173,10 @@ def gate(mlflow_server):
 # (no Ray client in this process), so the tests running meanwhile are not touched, only slowed where both want
 # the CPU.
 
-_EARLY_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="early")
+# At most three pieces at once beside the quick study and the server: more, and the machine's load (16-23 seen)
+# made Ray nodes and notebook kernels miss their start-up deadlines, and every piece slower.
+_EARLY_POOL = ThreadPoolExecutor(max_workers=3, thread_name_prefix="early")
+_FIRST_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="early-first")  # the quick study, the server
 _EARLY: dict[str, Future] = {}
 _TEMP_DIRS: list[Path] = []  # made by early work (no tmp_path_factory in a background thread); removed at the end
 
@@ -205,9 +208,15 @@ def pytest_collection_finish(session):
     work.update({module.__name__: module.start_early for module in _early_modules(items)})
     if "quick_study" not in work:
         QUICK_RAY_UP.set()
-    for name, start in work.items():  # the quick study and the server first, the rest once its Ray is up
-        after = None if name in ("quick_study", "mlflow_server") else QUICK_RAY_UP
-        _EARLY[name] = _EARLY_POOL.submit(_timed, name, start, after)
+    for name, start in sorted(work.items(), key=lambda kv: EARLY_ORDER.index(kv[0]) if kv[0] in EARLY_ORDER else 99):
+        if name in ("quick_study", "mlflow_server"):  # first; the rest once the quick study's Ray is up
+            _EARLY[name] = _FIRST_POOL.submit(_timed, name, start, None)
+        else:
+            _EARLY[name] = _EARLY_POOL.submit(_timed, name, start, QUICK_RAY_UP)
+
+
+# the longest first (the summary line's wall times, 2026-12-03), so that none starts last and holds the suite up
+EARLY_ORDER = ["studies", "test_cluster_setup", "test_tracking_outage", "test_cluster", "test_tracking_load"]
 
 
 # The quick study starts Ray in its own process, whose node must register within Ray's fixed 30 s (see
