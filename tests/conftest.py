@@ -115,6 +115,10 @@ class Gate:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    @property
+    def is_open(self) -> bool:
+        return self._listener is not None
+
     def shut(self) -> None:
         self._listener, listener = None, self._listener
         listener.close()
@@ -158,7 +162,7 @@ def gate(mlflow_server):
     """A `Gate` in front of the session's MLflow server; opened again after the test."""
     relay = Gate(mlflow_server)
     yield relay
-    if relay._listener is not None:
+    if relay.is_open:
         relay.shut()
 
 

@@ -88,7 +88,7 @@ class ShutGate:
         self.gate.shut()
 
     def stop(self) -> None:
-        if self.gate._listener is not None:
+        if self.gate.is_open:
             self.gate.shut()
 
     def client(self) -> MlflowClient:
