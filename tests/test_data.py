@@ -1,4 +1,5 @@
-"""stawm.train.data on tiny files written here in each dataset's on-disk format, read by torchvision's real code.
+"""stawm.train.data (and the file handling under it, stawm.train.dataset_files) on tiny files written here in
+each dataset's on-disk format, read by torchvision's real code.
 
 Expected values come from the formats' definitions (IDX headers, CIFAR's R/G/B planes, CelebA's list
 files), from hand arithmetic, or from brute-force references built here in NumPy, never from stawm.train.data.
@@ -24,10 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stawm.train.data import (
-    DATASETS, DataBundle, MissingDataError, Split, default_data_root, iterate_batches, load_data, normalize,
-    prepare_batch,
-)
+from stawm.train.data import DATASETS, DataBundle, Split, iterate_batches, load_data, normalize, prepare_batch
+from stawm.train.dataset_files import MissingDataError, default_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -286,7 +285,8 @@ def test_failed_download_raises_missing_data_quickly(tmp_path):
     """
     script = textwrap.dedent(f"""
         import time
-        from stawm.train.data import MissingDataError, load_data
+        from stawm.train.data import load_data
+        from stawm.train.dataset_files import MissingDataError
         started = time.monotonic()  # the load alone: the interpreter's start-up is slow on a loaded machine
         try:
             load_data("mnist", {str(tmp_path)!r}, download=True)
@@ -555,7 +555,8 @@ def test_prepare_batch_rejects_unknown_augment_and_float_input():
 # --------------------------------------------------------------------------------------------------
 
 def dataset_lock(dataset: str, root: Path) -> filelock.FileLock:
-    """The lock stawm.train.data takes before writing a dataset's files: ROOT/.stawm-<dataset>.lock (its contract)."""
+    """The lock stawm.train.dataset_files takes before writing a dataset's files (its contract):
+    ROOT/.stawm-<dataset>.lock."""
     return filelock.FileLock(str(root / f".stawm-{dataset}.lock"))
 
 
@@ -585,7 +586,8 @@ LOAD_MNIST_SCRIPT = textwrap.dedent("""
             shutil.copyfile(Path(mirror) / Path(url).name, filename)
         utils._urlretrieve = fetch
     import stawm.train.data
-    stawm.train.data.DATA_LOCK_NOTICE_S = notice_s
+    import stawm.train.dataset_files
+    stawm.train.dataset_files.DATA_LOCK_NOTICE_S = notice_s
     print("STARTED", flush=True)
 
     def load():
@@ -685,11 +687,11 @@ def test_concurrent_loads_unpack_and_download_once(mnist_root, tmp_path):
 def test_complete_root_is_read_without_the_lock(mnist_root, tmp_path, monkeypatch, capsys):
     """A root holding every unpacked file is read while another process holds the lock (as a node's later
     trials read what its first trial unpacked); waiting would end in a MissingDataError after 1 s here."""
-    import stawm.train.data
+    import stawm.train.dataset_files
     root = gzip_only_mnist_root(mnist_root, tmp_path)
     expected = load_data("mnist", root, download=False).digest()  # unpacks the .gz files
-    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_NOTICE_S", 0.2)
+    monkeypatch.setattr(stawm.train.dataset_files, "DATA_LOCK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(stawm.train.dataset_files, "DATA_LOCK_NOTICE_S", 0.2)
     with dataset_lock("mnist", root):
         started = time.monotonic()
         bundle = load_data("mnist", root)  # download=True
@@ -699,10 +701,10 @@ def test_complete_root_is_read_without_the_lock(mnist_root, tmp_path, monkeypatc
 
 
 def test_lock_wait_is_bounded_and_names_the_lock(tmp_path, monkeypatch, capsys):
-    import stawm.train.data
+    import stawm.train.dataset_files
     raw = write_mnist(tmp_path, *tiny_mnist(), gzipped=True)  # something to unpack: the lock is needed
-    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_NOTICE_S", 0.3)
+    monkeypatch.setattr(stawm.train.dataset_files, "DATA_LOCK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(stawm.train.dataset_files, "DATA_LOCK_NOTICE_S", 0.3)
     lock_file = tmp_path / ".stawm-mnist.lock"
     with dataset_lock("mnist", tmp_path):
         with pytest.raises(MissingDataError) as caught:
@@ -717,9 +719,9 @@ def test_lock_wait_is_bounded_and_names_the_lock(tmp_path, monkeypatch, capsys):
 
 def test_celeba_decoding_waits_for_the_lock(tmp_path, monkeypatch):
     """CelebA's decoding writes its cache: it too waits for the lock, and a later load reads the cache."""
-    import stawm.train.data
+    import stawm.train.dataset_files
     folder = write_celeba(tmp_path)
-    monkeypatch.setattr(stawm.train.data, "DATA_LOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(stawm.train.dataset_files, "DATA_LOCK_TIMEOUT_S", 0.5)
     with dataset_lock("celeba", tmp_path):
         with pytest.raises(MissingDataError, match="stawm-celeba.lock"):
             load_data("celeba", tmp_path, image_size=8, download=False)

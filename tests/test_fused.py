@@ -5,6 +5,7 @@ Every expected number comes from a plain run here, never from a constant.
 Tiny preset on a small slice of mnist-sample, dropout 0 and no augmentation (nothing random in the forward).
 """
 
+import inspect
 import math
 import re
 
@@ -16,7 +17,7 @@ from stawm.train import CHECKPOINT, FusionError, train
 from stawm.train.checkpoints import member_weights
 from stawm.train.data import DataBundle, load_data
 from stawm.train.fused import FusedStack, check_fusible
-from stawm.train.step import build_model, seed_everything
+from stawm.train.step import Members, OneModel, build_model, seed_everything
 
 TOL = 1e-4
 TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
@@ -85,6 +86,19 @@ def test_both_loops_refuse_a_batch_larger_than_the_training_set(data):
     for run in (train([cfg], data=data), train([cfg, cfg.replace(seed=1)], data=data)):
         with pytest.raises(ValueError, match=message):
             next(run)
+
+
+def test_both_step_implementations_satisfy_the_loops_interface():
+    """OneModel and FusedStack are `step.Members`: every attribute and method the protocol names (isinstance
+    on real instances), and each method takes the protocol's parameters by name, so neither can drift."""
+    methods = [name for name, value in vars(Members).items() if callable(value) and not name.startswith("_")]
+    assert {"begin_epoch", "step", "evaluate", "rates"} <= set(methods)  # the listing found the protocol's methods
+    for members in (OneModel(MEMBERS[0], torch.device("cpu")), FusedStack(MEMBERS, torch.device("cpu"))):
+        assert isinstance(members, Members), type(members).__name__
+        for name in methods:
+            expected = list(inspect.signature(getattr(Members, name)).parameters)
+            found = list(inspect.signature(getattr(type(members), name)).parameters)
+            assert found == expected, f"{type(members).__name__}.{name}{found} != Members.{name}{expected}"
 
 
 def test_fused_members_start_from_their_plain_initial_weights():

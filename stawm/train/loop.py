@@ -32,7 +32,7 @@ from .checkpoints import (checkpoint_path, global_rng_state, load_checkpoint, mo
                           save_checkpoint, set_global_rng_state)
 from .data import DataBundle, iterate_batches, load_training_data, prepare_batch, to_model_input
 from .fused import FusedStack, check_fusible
-from .step import EpochStats, OneModel, check_speed_options
+from .step import EpochStats, Members, OneModel, check_speed_options
 
 
 def train(cfgs: Sequence[Config], *, device: str | torch.device = "cpu", data_root: str | Path | None = None,
@@ -57,8 +57,8 @@ def train(cfgs: Sequence[Config], *, device: str | torch.device = "cpu", data_ro
         torch.cuda.reset_peak_memory_stats(device)
     if data is None:  # loading draws nothing from the seeded streams, so loading first changes no init
         data = load_training_data(cfgs[0], data_root, device)
-    members = (OneModel(cfgs[0], device, compile, precision) if len(cfgs) == 1 else
-               FusedStack(cfgs, device, compile, precision))
+    members: Members = (OneModel(cfgs[0], device, compile, precision) if len(cfgs) == 1 else
+                        FusedStack(cfgs, device, compile, precision))
     monitors = [StabilityMonitor(cfg) for cfg in cfgs]
     stopped = [False] * len(cfgs)  # members whose diverged record has been yielded
     start_epoch = 0
@@ -126,7 +126,7 @@ def steps_per_epoch(cfg: Config, train_size: int) -> int:
 # --- an epoch -----------------------------------------------------------------------------------
 
 
-def run_epoch(members, data: DataBundle, epoch: int, progress: bool) -> tuple[EpochStats, int, float]:
+def run_epoch(members: Members, data: DataBundle, epoch: int, progress: bool) -> tuple[EpochStats, int, float]:
     """One pass of every member over the training set, each in its own order; returns the epoch's sums,
     its steps and its seconds."""
     cfgs, cfg, device = members.cfgs, members.cfgs[0], data.train.images.device
@@ -215,7 +215,7 @@ def epoch_record(monitor: StabilityMonitor, epoch: int, stats: EpochStats, *, st
     return record
 
 
-def evaluate_members(members, data: DataBundle) -> list[dict[str, float]]:
+def evaluate_members(members: Members, data: DataBundle) -> list[dict[str, float]]:
     """Each member's test (and validation) results under their record keys (also their MLflow metric names)."""
     tests = members.evaluate(data.test, data)
     vals = members.evaluate(data.val, data) if data.val is not None else [None] * len(tests)

@@ -1,18 +1,9 @@
-"""What one training step runs on: the members of a run, behind one small interface.
+"""What one training step runs on: the members of a run, behind one small interface (`Members`).
 
-The loop (`stawm.train.loop`) trains K >= 1 configurations ("members") and never asks how; it talks to
-
-    members.cfgs, members.generators      each member's Config and data generator (order, augmentation)
-    members.classifies, members.draws     which heads the model has
-    members.begin_epoch(lrs, stopped)     each member's learning rate for the epoch; which ones have stopped
-    members.step(x, target, labels, stats)  one optimiser step of every member, folded into `stats` on the device
-    members.evaluate(split, data)         one result per member ({"error", "recon_loss"})
-    members.rates(k)                      member k's memory rates now
-    members.state_dict(), load_state_dict(state)   for the checkpoint ("weights" with a leading member axis)
-
-Two implementations: `OneModel` here (K = 1: the model, torch's own Adam; the plain run) and
-`stawm.train.fused.FusedStack` (K members vectorised as one model with one stacked Adam). Batches arrive
-stacked over members: x, target (K, B, C, H, W), labels (K, B).
+The loop (`stawm.train.loop`) trains K >= 1 configurations ("members") and never asks how: it talks to
+a `Members`, a typing.Protocol (structural: an implementation need not inherit from it). Two
+implementations: `OneModel` here (K = 1: the model, torch's own Adam; the plain run) and
+`stawm.train.fused.FusedStack` (K members vectorised as one model with one stacked Adam).
 
 Also here, for both: the seeds (`seed_everything`), a member's model as its run builds it (`build_model`),
 the statistics a step folds (`EpochStats`), and the speed options (compile, precision).
@@ -23,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,7 +24,7 @@ from ..config import Config
 from ..model import STAWM, Output
 from ..model.stability import step_bound_ratio
 from .checkpoints import member_weights
-from .data import DataBundle, iterate_batches, prepare_batch, to_model_input
+from .data import DataBundle, Split, iterate_batches, prepare_batch, to_model_input
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # torch.compile modes; none = eager
 PRECISIONS = ("fp32", "bf16")  # bf16 = autocast of the forward pass (the loss, W's sums and Adam stay fp32)
@@ -176,6 +167,38 @@ def to_fp32(out: Output) -> Output:
     return Output(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in fields.items()})
 
 
+# --- the loop's interface to the members --------------------------------------------------------
+
+
+@runtime_checkable  # so that tests can check each implementation with isinstance
+class Members(Protocol):
+    """K >= 1 members as the loop sees them. Batches arrive stacked over members: x, target
+    (K, B, C, H, W), labels (K, B). Implemented by `OneModel` (K = 1) and `fused.FusedStack`."""
+
+    cfgs: list[Config]  # each member's Config
+    generators: list[torch.Generator]  # each member's data generator (order, augmentation)
+    classifies: bool  # which heads the model has
+    draws: bool
+
+    def begin_epoch(self, lrs: list[float], stopped: list[bool]) -> None:
+        """Each member's learning rate for the epoch; which members have stopped (their record said diverged)."""
+
+    def step(self, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, stats: EpochStats) -> None:
+        """One optimiser step of every member, folded into `stats` on the device (no host sync)."""
+
+    def evaluate(self, split: Split, data: DataBundle) -> list[dict[str, float]]:
+        """One result per member over a whole split: {"error"} when it classifies, {"recon_loss"} when it draws."""
+
+    def rates(self, k: int) -> dict[str, float]:
+        """Member k's memory rates now."""
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint needs: "weights" with a leading member axis, "optimizer", ..."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to what `state_dict` returned."""
+
+
 # --- one member ---------------------------------------------------------------------------------
 
 
@@ -187,7 +210,8 @@ def clip_gradients(params: list[nn.Parameter], cfg: Config) -> None:
 
 
 class OneModel:
-    """One member: its STAWM and torch's own Adam, seeded and built as `seed_everything`, `build_model`.
+    """One member (`Members` with K = 1): its STAWM and torch's own Adam, seeded and built as
+    `seed_everything`, `build_model`.
 
     A step that goes non-finite still steps (the loop stops the member at the epoch's end, on its record).
     """
@@ -201,6 +225,8 @@ class OneModel:
         self.forward = model_forward(self.model, device, compile=compile, precision=precision)
         self.classifies, self.draws = self.model.classifies, self.model.draws
 
+    # begin_epoch's `stopped` and rates' `k` are unused here but kept: the loop calls every `Members` alike.
+    # With one member nothing else can stop (the loop ends when it does), and k is always 0.
     def begin_epoch(self, lrs: list[float], stopped: list[bool]) -> None:
         self.optimizer.param_groups[0]["lr"] = lrs[0]
 
@@ -223,7 +249,7 @@ class OneModel:
                    **memory_statistics(out))
 
     @torch.no_grad()
-    def evaluate(self, split, data: DataBundle) -> list[dict[str, float]]:
+    def evaluate(self, split: Split, data: DataBundle) -> list[dict[str, float]]:
         """Error (classification) and reconstruction (drawing) over a whole split, in eval mode."""
         self.model.eval()
         errors = torch.zeros(1, device=split.images.device)
