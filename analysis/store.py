@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from stawm import schema
+from stawm import schema, store_uri
 from stawm.config import field_types
 from stawm.provenance import redact
 
@@ -72,10 +72,9 @@ def _client(tracking_uri: str):
     """An MlflowClient for the URI; refuses a sqlite path that does not exist (MLflow would create it)."""
     from mlflow import MlflowClient  # imported here: `--help` and the pure functions stay quick
 
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///"):].split("?")[0]
-        if path not in ("", ":memory:") and not Path(path).exists():
-            raise StudyNotFound(f"no MLflow store at {redact(tracking_uri)} (no such file {path})")
+    path = store_uri.sqlite_path(tracking_uri)
+    if path is not None and not path.exists():
+        raise StudyNotFound(f"no MLflow store at {redact(tracking_uri)} (no such file {path})")
     return MlflowClient(tracking_uri=tracking_uri)
 
 

@@ -25,19 +25,22 @@ def sem(values) -> float:
 
 
 def bootstrap_ci(values, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean: (low, high); NaN for n < 2.
+    """Percentile bootstrap interval of the mean (`scipy.stats.bootstrap`, method="percentile"): (low, high);
+    NaN for n < 2.
 
     10,000 resamples keep the Monte Carlo error of a 95% bound well below the spread of 5 seeds;
-    `seed` makes the interval reproducible.
+    `seed` makes the interval reproducible. Percentile, not scipy's default BCa: with 5 seeds, BCa's
+    acceleration would be estimated by a jackknife over 5 points.
     """
     v = finite(values)
     if len(v) < 2:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    import scipy.stats  # imported here: scipy's import is slow and most callers never ask for an interval
+
+    # random_state, not rng: rng= arrived in scipy 1.15, and pyproject accepts scipy 1.11
+    result = scipy.stats.bootstrap((v,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                                   method="percentile", random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def welch_p(a, b) -> float:

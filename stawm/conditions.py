@@ -1,4 +1,4 @@
-"""Appendix A's conditions as ../shared/paper/NOTES.md states them, each with where it comes from.
+"""Appendix A's conditions as the paper states them, each with where it comes from.
 
 A condition is a prediction made from a configuration's activation and rates, before training and again
 on each epoch's rates when they learn. What happened to a run (it diverged, learned nothing, trained

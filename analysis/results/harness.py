@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stawm import schema
+from stawm import schema, store_uri
 from stawm.analysis import source
 
 
@@ -67,7 +67,7 @@ HEADER = ("| study | MLflow runs | trials | configurations | runs per trial | lo
 
 
 def store_size(tracking_uri: str) -> str:
-    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    path = store_uri.sqlite_path(tracking_uri)
     artifacts = sum(f.stat().st_size for f in (path.parent / "mlartifacts").rglob("*") if f.is_file())
     return f"MLflow store {path}: {path.stat().st_size / 2**20:.1f} MiB (artifacts {artifacts / 2**20:.1f} MiB)"
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     walls = {k: float(v) for k, v in schema.parse_pairs(args.wall, "--wall").items()}
     studies = [source.open_study(results=folder) for folder in args.folders]
     studies += [source.open_study(name, args.tracking_uri, progress=False) for name in args.study]
-    if args.tracking_uri and args.tracking_uri.startswith("sqlite:///"):
+    if args.tracking_uri and store_uri.sqlite_path(args.tracking_uri) is not None:
         print(store_size(args.tracking_uri))
     print(HEADER)
     for study in studies:

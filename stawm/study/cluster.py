@@ -2,8 +2,8 @@
 
 An autoscaling cluster (`ray up cluster.yaml`) is the head alone when a study is submitted; its GPU
 workers start only once trials ask for GPUs. Counting live nodes (`ray.nodes()`,
-`ray.cluster_resources()`) then says "one machine, no GPU", and every guard built on it is wrong
-(../shared/PITFALLS.md). So the shape is read from the autoscaler's own configuration:
+`ray.cluster_resources()`) then says "one machine, no GPU", and every guard built on it is wrong.
+So the shape is read from the autoscaler's own configuration:
 
 1. the cluster config the autoscaler reports to Ray's GCS (autoscaler v2 and KubeRay publish it);
 2. else the autoscaling config file of the running v1 autoscaler (`ray up` writes it to

@@ -40,12 +40,17 @@ RETRY_EVERY_S = 5.0  # while the server is down, how often a trial tries it agai
 # module retries at its own pace, saying so. A value set in the environment is kept.
 CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
-# What MLflow's REST client raises when the request got no MLflow answer: requests' exception (connection refused,
-# reset, timeout, urllib3's retries used up on 5xx) wrapped in `rest_utils.http_request`, or a 5xx whose body is
-# no MLflow error (a proxy answering for a server that is down). `RestException` is the server's own answer.
-_NO_ANSWER = re.compile(r"API request to \S+ failed with (exception|timeout exception|error code 5\d\d)")
+# What requests raises when the request got no answer: connection refused or reset, a timeout, a response cut off,
+# urllib3's retries used up on 408/429/5xx. MLflow's REST client (`rest_utils.http_request`) wraps each in an
+# MlflowException whose __cause__ (a timeout) or __context__ (the rest) is the requests exception itself.
+_NO_ANSWER_ERRORS = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                     requests.exceptions.RetryError, requests.exceptions.ChunkedEncodingError)
+# A 5xx whose body is no MLflow error (a proxy answering for a server that is down): `verify_rest_response` raises a
+# plain MlflowException that keeps the status only in its text (its error_code is INTERNAL_ERROR for a 500 or 502,
+# as for any other MlflowException), so its text is read.
+_NOT_MLFLOW_5XX = re.compile(r"API request to \S+ failed with error code 5\d\d")
 # An overloaded server answers, but with nothing done: SQLAlchemy's pool of database connections was empty for 30 s
-# (seen at 96 writers on SQLite, stawm.bench.tracking_load), which MLflow 3.17 reports as BAD_REQUEST.
+# (seen at 96 writers on SQLite, stawm.study.tracking_load), which MLflow 3.17 reports as BAD_REQUEST.
 _OVERLOADED = re.compile(r"QueuePool limit of size \d+ overflow \d+ reached")
 
 
@@ -75,11 +80,12 @@ def budget_from_env() -> float:
 
 def unanswered(err: BaseException) -> bool:
     """Whether `err` says the tracking server did not answer (ride it out), rather than answered with an error."""
-    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-        return True
-    if isinstance(err, RestException):
+    if isinstance(err, RestException):  # the server's own answer
         return _OVERLOADED.search(str(err.message)) is not None
-    return isinstance(err, MlflowException) and _NO_ANSWER.search(str(err.message)) is not None
+    if isinstance(err, MlflowException):
+        wrapped = err.__cause__ or err.__context__
+        return isinstance(wrapped, _NO_ANSWER_ERRORS) or _NOT_MLFLOW_5XX.search(str(err.message)) is not None
+    return isinstance(err, _NO_ANSWER_ERRORS)
 
 
 def epochs(count: int) -> str:
