@@ -45,7 +45,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from conftest import _free_port, _stop_group, early_result
+from background import early_result
+from processes import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
@@ -187,7 +188,7 @@ def stop_everything(port: int, root: Path, groups: list[subprocess.Popen]) -> li
     """Stops the process groups the commands ran in, then anything still serving `port` or naming `root`, with
     their children; returns what was still running after that (empty when all is gone)."""
     for group in groups:
-        _stop_group(group, grace_s=10)
+        stop_group(group, grace_s=10)
     left = set(processes_under(root))
     for connection in psutil.net_connections(kind="tcp"):
         if connection.laddr and connection.laddr.port == port and connection.pid:
@@ -233,7 +234,7 @@ def start_early() -> dict:
     background as soon as the tests are collected: most of it is pip downloading)."""
     root = Path(tempfile.mkdtemp(prefix="head-"))
     home, disk, artifacts, image = root / "home", root / "disk", root / "artifacts", root / "image"
-    port = _free_port()
+    port = free_port()
     places = {"disk": disk, "artifacts": artifacts, "port": port}
     seconds: dict[str, float] = {}
     clock = time.monotonic()
@@ -266,7 +267,7 @@ def start_early() -> dict:
             try:
                 stdout, stderr = process.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _stop_group(process, grace_s=5)
+                stop_group(process, grace_s=5)
                 raise
             return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -356,7 +357,7 @@ def test_the_head_fails_loudly_when_mlflow_cannot_start(tmp_path):
     environment = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin", "LANG": "C.UTF-8"}
     assert shutil.which("mlflow", path=environment["PATH"]) is None
     disk = tmp_path / "disk"
-    places = {"disk": disk, "artifacts": tmp_path / "artifacts", "port": _free_port()}
+    places = {"disk": disk, "artifacts": tmp_path / "artifacts", "port": free_port()}
     disk.mkdir()  # initialization_commands
 
     server = [c for c in commands("head_setup_commands", **places) if "mlflow server" in c]

@@ -19,10 +19,10 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-def test_an_export_gives_back_the_runs_histories_and_reports_of_the_store(quick_study, tmp_path):
-    mlflow = source.open_study("t", quick_study["uri"], cache_dir=tmp_path / "cache", progress=False)
+def test_an_export_gives_back_the_runs_histories_and_reports_of_the_store(glimpse_size_study, tmp_path):
+    mlflow = source.open_study("t", glimpse_size_study["uri"], cache_dir=tmp_path / "cache", progress=False)
     folder = tmp_path / "results" / "t"
-    done = subprocess.run([str(BIN / "stawm-export"), "--study", "t", "--tracking-uri", quick_study["uri"],
+    done = subprocess.run([str(BIN / "stawm-export"), "--study", "t", "--tracking-uri", glimpse_size_study["uri"],
                            "--out", str(folder), "--cache-dir", str(tmp_path / "cache")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -52,7 +52,7 @@ def test_an_export_gives_back_the_runs_histories_and_reports_of_the_store(quick_
     # script itself is run in test_packaging)
     from stawm.analysis import report
 
-    for args, out in ((["--study", "t", "--tracking-uri", quick_study["uri"], "--no-log"], "store"),
+    for args, out in ((["--study", "t", "--tracking-uri", glimpse_size_study["uri"], "--no-log"], "store"),
                       (["--from", str(folder)], "shipped")):
         assert report.main([*args, "--out", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache")]) == 0
     for name in ("table.md", "table.tex", "summary.csv"):

@@ -30,8 +30,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import (SESSION_RAY, SESSION_SERVER, Gate, _free_port, _stop_group, _temp_dir, early_result,
-                      start_mlflow_server)
+from background import early_result, make_temp_dir
+from processes import free_port, stop_group
+from ray_cluster import SESSION_RAY
+from tracking_server import SESSION_SERVER, Gate, start_mlflow_server
 from stawm import schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ class KilledServer:
     """A study's own `mlflow server`, killed mid-study as a crashed head node is (no shutdown handler)."""
 
     root: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     server: subprocess.Popen | None = None
     runs: dict[str, subprocess.CompletedProcess] = field(default_factory=dict)
 
@@ -62,7 +64,7 @@ class KilledServer:
 
     def stop(self) -> None:
         if self.server is not None and self.server.poll() is None:
-            _stop_group(self.server)
+            stop_group(self.server)
 
     def client(self) -> MlflowClient:  # its database, read once the server is stopped
         return MlflowClient(f"sqlite:///{self.root / 'server.db'}")
@@ -96,7 +98,7 @@ class ShutGate:
 
 
 def study_command(outage, name: str, *flags: str) -> list[str]:
-    # its two trials one after the other, in one worker process (as the other quick studies, conftest.STUDIES)
+    # its two trials one after the other, in one worker process (as the other quick studies, quick_studies.STUDIES)
     return [sys.executable, "studies/glimpse_size.py", "--quick", "--seeds", "1", "--epochs", str(EPOCHS),
             "--set", "max_steps=4", "--max-concurrent", "1", "--tracking-uri", outage.uri,
             "--storage", str(outage.root / "ray"), "--name", name, *flags]
@@ -119,7 +121,7 @@ def run_with_outage(outage, command: list[str], env: dict, back_at_once: bool) -
                 outage.come_back()
             study.wait(timeout=STUDY_S)
         finally:
-            _stop_group(study, grace_s=5)  # a study that overran: not left running past the test
+            stop_group(study, grace_s=5)  # a study that overran: not left running past the test
     if not back_at_once:
         outage.come_back()
     return subprocess.CompletedProcess(command, study.returncode, log.read_text(), "")
@@ -127,7 +129,7 @@ def run_with_outage(outage, command: list[str], env: dict, back_at_once: bool) -
 
 def start_early() -> dict:
     """Both studies at once: within the budget (its own server, killed), and past it (then --resume)."""
-    outages = {"within": KilledServer(_temp_dir("outage-within-")), "past": ShutGate(_temp_dir("outage-past-"))}
+    outages = {"within": KilledServer(make_temp_dir("outage-within-")), "past": ShutGate(make_temp_dir("outage-past-"))}
 
     def within(outage: KilledServer, env: dict) -> None:
         outage.runs["study"] = run_with_outage(outage, study_command(outage, "outage-within"), env, back_at_once=True)
