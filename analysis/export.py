@@ -16,15 +16,16 @@ report (`stawm-report --from FOLDER`) and the notebooks (`results=FOLDER`) need 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from stawm import schema
+from stawm.flags import Group, StoreFlags, default_tracking_uri, flat, parse
 from stawm.provenance import command_line, git_commit
 from stawm.config import field_types
 
@@ -81,15 +82,20 @@ def readme(meta: dict, out: Path) -> str:
             f"    stawm-report --from {out} --out reports/{meta['study']}\n")
 
 
+@flat("store")  # args.tracking_uri, args.cache_dir: see stawm.flags.flat
+@dataclass
+class ExportArgs:
+    """stawm-export's own flags, and the MLflow store it reads (the group stawm-report shares)."""
+
+    study: str  # study name (the MLflow experiment)
+    out: Path  # folder for the exported files (created)
+    store: Group[StoreFlags] = field(default_factory=StoreFlags)
+
+
 def main(argv=None) -> int:
     """`stawm-export`; the exit status (2: bad input, told in one line on stderr)."""
-    p = argparse.ArgumentParser(prog="stawm-export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", required=True, help="study name (the MLflow experiment)")
-    p.add_argument("--tracking-uri", required=True, help="MLflow tracking URI of the study")
-    p.add_argument("--out", required=True, type=Path, help="folder for the exported files (created)")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/mlflow-history"),
-                   help="cache of finished runs' metric histories (default: .cache/mlflow-history)")
-    args = p.parse_args(argv)
+    args = parse(ExportArgs, argv, prog="stawm-export", description=__doc__.split("\n\n")[0])
+    args.tracking_uri = args.tracking_uri or default_tracking_uri()
     try:
         check_writable(args.out, "--out")
         study = MlflowStudy(args.study, args.tracking_uri, args.cache_dir, progress=False)  # a line, not 15 bars

@@ -12,12 +12,16 @@ cannot be written) prints one line on stderr and exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import nbformat
+import tyro
+
+from stawm.flags import PositiveInt, flag, parse
 
 KERNEL_START_S = 300  # how long the kernel may take to answer (nbclient's default is 60 s)
 
@@ -79,19 +83,25 @@ def run_notebook(path: str | Path, parameters: dict, out_path: str | Path | None
     return nb
 
 
+@dataclass
+class NotebookArgs:
+    """stawm-notebook's flags."""
+
+    notebook: tyro.conf.Positional[Path]  # the notebook to run
+    out: Path  # where to write the executed notebook
+    # a parameter (a string value), repeatable
+    parameter: Annotated[list[str], tyro.conf.UseAppendAction, flag(aliases=("-p",), metavar="NAME=VALUE")] = field(
+        default_factory=list)
+    timeout: PositiveInt = 600  # seconds allowed per cell
+
+
 def main(argv=None) -> int:
     """`python -m stawm.analysis.notebooks`; the exit status (2: bad input, told in one line on stderr)."""
     from stawm import schema
 
     from .files import NotWritable, check_writable
 
-    p = argparse.ArgumentParser(prog="stawm-notebook", description=__doc__.split("\n\n")[0])
-    p.add_argument("notebook", type=Path, help="the notebook to run")
-    p.add_argument("--out", type=Path, required=True, help="where to write the executed notebook")
-    p.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
-                   help="a parameter (a string value), repeatable")
-    p.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
-    args = p.parse_args(argv)
+    args = parse(NotebookArgs, argv, prog="stawm-notebook", description=__doc__.split("\n\n")[0])
     try:
         params = schema.parse_pairs(args.parameter, "-p")
         if not args.notebook.is_file():

@@ -26,47 +26,54 @@ exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from stawm.flags import Group, StoreFlags, default_tracking_uri, flag, flat, parse
 
 
 class BadInput(ValueError):
     """A flag's value the report cannot use; the message names the flag and the fix."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="stawm-report", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", help="study name (the MLflow experiment); not with --from")
-    p.add_argument("--from", dest="results", type=Path, metavar="FOLDER",
-                   help="a folder of shipped results (stawm-export) to read instead of MLflow")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--out", required=True, type=Path, help="folder for the report files (created)")
-    p.add_argument("--metric", default=None,
-                   help="metric to tabulate and plot, the final value of each run (default: the test error)")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="seeds each configuration should have (default: the parent run's seeds param)")
-    p.add_argument("--exclude-flagged", action="store_true",
-                   help="leave runs that broke an Appendix A condition out of the means (default: every run counts; "
-                        "the flagged column counts them either way, and the captions say which was used)")
-    p.add_argument("--degraded-factor", type=float, default=None, metavar="X",
-                   help="a run is `degraded` when its final error is at least X times the study's paper-rate "
-                        "configuration's mean (default: analysis/outcomes.py's DEGRADED_FACTOR)")
-    p.add_argument("--baseline", default=None, metavar="FIELD=VALUE[,FIELD=VALUE]",
-                   help="configuration the table's Welch t-test p-values compare against, e.g. learnable_rates=False")
-    p.add_argument("--published", choices=("auto", "on", "off"), default="auto",
-                   help="show the paper's Table 1 values; auto: when the runs are on full MNIST and the study varies "
-                        "only preset, task, glimpse_size, glimpses, or nothing but the seed (default: auto)")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/mlflow-history"),
-                   help="where finished runs' metric histories are cached as parquet (default: .cache/mlflow-history)")
-    p.add_argument("--no-curves", action="store_true", help="skip the training curves (no history fetch)")
-    p.add_argument("--no-log", action="store_true", help="write the files only; do not log them on the parent run")
-    return p.parse_args(argv)
+@flat("store")  # args.tracking_uri, args.cache_dir: see stawm.flags.flat
+@dataclass
+class ReportArgs:
+    """stawm-report's own flags, and the MLflow store it reads (the group stawm-export shares)."""
+
+    out: Path  # folder for the report files (created)
+    # study name (the MLflow experiment); not with --from
+    study: Annotated[Optional[str], flag(unset="none: --from")] = None
+    # a folder of shipped results (stawm-export) to read instead of MLflow
+    results: Annotated[Optional[Path], flag(name="from", metavar="FOLDER", unset="none: --study")] = None
+    # metric to tabulate and plot, the final value of each run
+    metric: Annotated[Optional[str], flag(unset="the test error")] = None
+    # seeds each configuration should have
+    seeds: Annotated[Optional[int], flag(unset="the parent run's seeds param")] = None
+    # leave runs that broke an Appendix A condition out of the means (else every run counts; the flagged column
+    # counts them either way, and the captions say which was used)
+    exclude_flagged: bool = False
+    # a run is `degraded` when its final error is at least X times the study's paper-rate configuration's mean
+    degraded_factor: Annotated[Optional[float], flag(metavar="X", unset="outcomes.py's DEGRADED_FACTOR")] = None
+    # configuration the table's Welch t-test p-values compare against, e.g. learnable_rates=False
+    baseline: Annotated[Optional[str], flag(metavar="FIELD=VALUE[,FIELD=VALUE]", unset="none")] = None
+    # show the paper's Table 1 values; auto: when the runs are on full MNIST and the study varies only preset,
+    # task, glimpse_size, glimpses, or nothing but the seed
+    published: Literal["auto", "on", "off"] = "auto"
+    no_curves: bool = False  # skip the training curves (no history fetch)
+    no_log: bool = False  # write the files only; do not log them on the parent run
+    store: Group[StoreFlags] = field(default_factory=StoreFlags)
+
+
+def parse_args(argv=None) -> ReportArgs:
+    # the summary and the two commands: tyro reflows the rest of the docstring's lists into one paragraph
+    args = parse(ReportArgs, argv, prog="stawm-report", description="\n\n".join(__doc__.split("\n\n")[:2]))
+    args.tracking_uri = args.tracking_uri or default_tracking_uri()
+    return args
 
 
 def parse_baseline(text: str | None) -> dict | None:
@@ -91,7 +98,7 @@ def parse_baseline(text: str | None) -> dict | None:
         raise BadInput(f"{message}; {example}") from None
 
 
-def build_report(args: argparse.Namespace, baseline: dict | None) -> tuple[dict, str | None]:
+def build_report(args: ReportArgs, baseline: dict | None) -> tuple[dict, str | None]:
     """Every report file of the study, computed, none written: ({file name: content}, parent run id).
 
     Contents are text, DataFrames (CSV) or Figures.
@@ -183,7 +190,7 @@ def write_files(files: dict, out: Path) -> list[Path]:
     return paths
 
 
-def log_files(paths: list[Path], parent_run_id: str | None, args: argparse.Namespace) -> None:
+def log_files(paths: list[Path], parent_run_id: str | None, args: ReportArgs) -> None:
     from stawm import schema
 
     if parent_run_id is None:

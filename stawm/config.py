@@ -27,6 +27,13 @@ INTERPOLATIONS = ("nearest", "bilinear")
 CONV_INITS = ("xavier", "default")
 DECODER_ORDERS = ("mirror", "forward")
 REDUCTIONS = ("mean", "sum")
+# The fields that take one of a few names: validation checks them, and their flags offer the names (stawm.flags).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": TASKS, "dataset": DATASETS, "activation": ACTIVATIONS, "canvas": CANVASES, "glimpse_cnn": GLIMPSE_CNNS,
+    "where_source": WHERE_SOURCES, "inverse_transform": INVERSE_TRANSFORMS, "lr_schedule": LR_SCHEDULES,
+    "grad_clip_mode": CLIP_MODES, "augment": AUGMENTATIONS, "rotation_interpolation": INTERPOLATIONS,
+    "conv_init": CONV_INITS, "decoder_order": DECODER_ORDERS, "nll_reduction": REDUCTIONS,
+}
 
 
 class ConfigError(ParamError):
@@ -276,13 +283,7 @@ def validate(cfg: Config) -> Config:
 
     Rates that are legal numbers but break Appendix A pass: the stability studies explore them.
     """
-    for name, choices in [
-        ("task", TASKS), ("dataset", DATASETS), ("activation", ACTIVATIONS), ("canvas", CANVASES),
-        ("glimpse_cnn", GLIMPSE_CNNS), ("where_source", WHERE_SOURCES),
-        ("inverse_transform", INVERSE_TRANSFORMS), ("lr_schedule", LR_SCHEDULES),
-        ("grad_clip_mode", CLIP_MODES), ("augment", AUGMENTATIONS), ("rotation_interpolation", INTERPOLATIONS),
-        ("conv_init", CONV_INITS), ("decoder_order", DECODER_ORDERS), ("nll_reduction", REDUCTIONS),
-    ]:
+    for name, choices in CHOICES.items():
         _choice(cfg, name, choices)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"preset={cfg.preset!r} is not allowed: choose one of {sorted(PRESETS)}")

@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     runner.check_grid(args, grid)
     study = runner.start_study(args, swept=list(grid))
     space = {
-        **study.base_config,
         "glimpses": tune.grid_search(grid["glimpses"]),
         **runner.seed_space(args),
     }
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
         param_space=space,

@@ -27,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     runner.check_grid(args, grid)
     study = runner.start_study(args, swept=list(grid))
     space = {
-        **study.base_config,
         "glimpse_size": tune.grid_search(grid["glimpse_size"]),
-        **runner.seed_space(args),  # seed: tune.grid_search(seeds), or with --fuse-seeds _seeds: seeds
+        **runner.seed_space(args),  # seed: tune.grid_search(seeds), or with --fuse-seeds seeds: the list
     }
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
         param_space=space,

@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     runner.check_grid(args, grid, variants=settings)
     study = runner.start_study(args, swept=["learnable_rates", "delta", "eta", "theta"])
     space = {
-        **study.base_config,
         "learnable_rates": tune.grid_search(grid["learnable_rates"]),
-        "_variant": tune.grid_search(settings),  # the initial rates, one dict per setting
+        "variant": tune.grid_search(settings),  # the initial rates, one dict per setting
         **runner.seed_space(args),
     }
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
         param_space=space,

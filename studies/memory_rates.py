@@ -12,7 +12,7 @@ whether they diverged, learned nothing or trained worse than the paper's rates i
     python studies/memory_rates.py --quick             # small mode: 3 settings x 2 seeds, tiny preset, 1 epoch
     python studies/memory_rates.py --resume            # continue after a crash or a stop
     python studies/memory_rates.py --learnable-rates   # the same grid as starting points of learned rates
-    python studies/memory_rates.py --delta 2 3 4 --eta 0.4 --set grad_clip_mode=none   # a slice, unclipped
+    python studies/memory_rates.py --delta 2 3 4 --eta 0.4 --config.grad-clip-mode none   # a slice, unclipped
 
 Small mode runs three settings: the paper's (0.2, 0.4, 0.5), which meets every condition; delta = 1.5,
 flagged before training (`decay`) and trained anyway; and one that diverges during training (the outcome
@@ -23,6 +23,7 @@ is beyond float32's largest number, so W, then the loss, become inf/NaN in the f
 """
 
 import sys
+from dataclasses import dataclass, field
 
 from ray import tune
 
@@ -40,26 +41,31 @@ QUICK_SETTINGS = [
 ]
 
 
-def flags(parser) -> None:
-    parser.add_argument("--learnable-rates", action="store_true",
-                        help="start the rates at each grid point and let the optimiser train them (default: fixed)")
-    for name, values in GRID.items():
-        parser.add_argument(f"--{name}", type=float, nargs="+", default=values, metavar="X",
-                            help=f"the grid's {name} values (default: {' '.join(map(str, values))})")
+@dataclass
+class Flags:
+    """The grid's values, and whether the rates stay fixed."""
+
+    # start the rates at each grid point and let the optimiser train them (else they stay fixed)
+    learnable_rates: bool = False
+    delta: list[float] = field(default_factory=lambda: GRID["delta"])  # the grid's delta values
+    eta: list[float] = field(default_factory=lambda: GRID["eta"])  # the grid's eta values
+    theta: list[float] = field(default_factory=lambda: GRID["theta"])  # the grid's theta values
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, extra=flags)
-    if args.quick:  # an explicit list of settings: each one is a trial's `_variant`
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, own=Flags)
+    if args.quick:  # an explicit list of settings: each one is a trial's `variant`
         runner.check_grid(args, variants=QUICK_SETTINGS)
-        rates = {"_variant": tune.grid_search(QUICK_SETTINGS)}
+        rates = {"variant": tune.grid_search(QUICK_SETTINGS)}
     else:
-        grid = {name: args.extra[name] for name in GRID}
+        grid = {name: getattr(args.own, name) for name in GRID}
         runner.check_grid(args, grid)
         rates = {name: tune.grid_search(values) for name, values in grid.items()}
-    study = runner.start_study(args, swept=["delta", "eta", "theta"])
-    space = {**study.base_config, "learnable_rates": args.extra["learnable_rates"], **rates, **runner.seed_space(args)}
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    study = runner.start_study(args, swept=["delta", "eta", "theta"],
+                               fixed={"learnable_rates": args.own.learnable_rates})
+    space = {**rates, **runner.seed_space(args)}
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
         param_space=space,

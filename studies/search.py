@@ -19,6 +19,8 @@ chose them, as its own Tuner, MLflow experiment and parent run.
 """
 
 import sys
+from dataclasses import dataclass
+from typing import Annotated
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -26,6 +28,7 @@ from ray.tune.search import ConcurrencyLimiter, Repeater
 from ray.tune.search.optuna import OptunaSearch
 
 from stawm import schema
+from stawm.flags import PositiveInt, flag
 from stawm.study import runner
 
 SPACE = {
@@ -39,48 +42,52 @@ QUICK_SPACE = {**SPACE, "glimpse_size": tune.choice([6, 8]), "glimpses": tune.ra
 RERUN_SEEDS = [100, 101, 102, 103, 104]  # fresh: not the seeds the search selected on
 
 
-def flags(parser) -> None:
-    parser.add_argument("--samples", type=runner.positive_int,
-                        help="configurations the search tries (default: 20; 2 with --quick)")
-    parser.add_argument("--top", type=runner.positive_int, default=1,
-                        help="best configurations rerun over fresh seeds (default: 1)")
-    parser.add_argument("--asha", action="store_true", help="ASHA early stopping, one seed per configuration")
-    parser.add_argument("--validation-size", type=runner.positive_int,
-                        help="training images held out to score the search (default: 10000; 500 with --quick)")
-    parser.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
-    parser.add_argument("--optuna-storage", default="",
-                        help="Optuna storage URL the search is kept in, for optuna-dashboard and optuna.load_study "
-                             "(default: sqlite optuna.db beside a sqlite MLflow store, else in the working folder)")
+@dataclass
+class Flags:
+    """The search's own flags."""
+
+    # configurations the search tries
+    samples: Annotated[PositiveInt, flag(unset="20; 2 with --quick")] = 0
+    top: PositiveInt = 1  # best configurations rerun over fresh seeds
+    asha: bool = False  # ASHA early stopping, one seed per configuration
+    # training images held out to score the search
+    validation_size: Annotated[PositiveInt, flag(unset="10000; 500 with --quick")] = 0
+    search_seed: int = 0  # seed of the TPE sampler
+    # Optuna storage URL the search is kept in, for optuna-dashboard and optuna.load_study
+    optuna_storage: Annotated[str, flag(unset="sqlite optuna.db beside a sqlite MLflow store, else in the "
+                                              "working folder")] = ""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, extra=flags)
-    extra = args.extra  # resolved here, so that the parent run records the values used
-    extra["samples"] = extra["samples"] or (2 if args.quick else 20)
-    extra["validation_size"] = extra["validation_size"] or (500 if args.quick else 10000)
-    samples, top, validation_size = extra["samples"], extra["top"], extra["validation_size"]
+    args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, own=Flags)
+    own = args.own  # resolved here, so that the parent run records the values used
+    own.samples = own.samples or (2 if args.quick else 20)
+    own.validation_size = own.validation_size or (500 if args.quick else 10000)
+    samples, top, validation_size = own.samples, own.top, own.validation_size
     space = QUICK_SPACE if args.quick else SPACE
     runner.check_grid(args, {"glimpse_size": space["glimpse_size"].categories, "validation_size": [validation_size]})
     swept = list(space)
     # the Optuna study is named as the search's MLflow experiment; refused if it exists, unless --resume
-    storage, extra["optuna_storage"] = runner.optuna_storage(args, f"{args.name}-search", extra["optuna_storage"])
+    storage, own.optuna_storage = runner.optuna_storage(args, f"{args.name}-search", own.optuna_storage)
 
     # Stage 1: the search, scored on the validation split.
-    study = runner.start_study(args, swept=swept, name=f"{args.name}-search")
-    repeat = 1 if extra["asha"] else args.seeds
-    searcher = OptunaSearch(metric=schema.VAL_ERROR, mode="min", seed=extra["search_seed"], storage=storage,
+    study = runner.start_study(args, swept=swept, name=f"{args.name}-search",
+                               fixed={"validation_size": validation_size})
+    repeat = 1 if own.asha else args.seeds
+    searcher = OptunaSearch(metric=schema.VAL_ERROR, mode="min", seed=own.search_seed, storage=storage,
                             study_name=study.name)
-    if not extra["asha"]:
+    if not own.asha:
         searcher = Repeater(searcher, repeat=repeat, set_index=True)
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
     tuner = runner.restored(args, trainable, name=study.name) or tune.Tuner(
         trainable,
-        param_space={**study.base_config, "validation_size": validation_size, **space},
+        param_space=space,
         tune_config=runner.tune_config(
             args,
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or 2 * repeat),
             scheduler=ASHAScheduler(metric=schema.VAL_ERROR, mode="min", max_t=args.config["epochs"], grace_period=1)
-            if extra["asha"] else None,
+            if own.asha else None,
             num_samples=samples * repeat,  # a multiple of the Repeater's repeat
         ),
         run_config=runner.run_config(args, name=study.name),
@@ -92,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     best = runner.best_configs(searched, swept, metric=schema.VAL_ERROR, top=top)
     print(f"best configurations (mean {schema.VAL_ERROR} over seeds):", *best, sep="\n  ")
     study = runner.start_study(args, swept=swept)
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
-        param_space={**study.base_config, "_variant": tune.grid_search(best),
+        param_space={"variant": tune.grid_search(best),
                      "seed": tune.grid_search(RERUN_SEEDS[: args.seeds])},
         tune_config=runner.tune_config(args),
         run_config=runner.run_config(args),

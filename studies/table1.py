@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     stage1 = [runner.variant(args, name, **fields, seed=seed) for name, fields in rows.values() for seed in seeds]
     runner.variant(args, selfsup_preset, **selfsup_fields)  # validate stage 2 before Ray starts
     study = runner.start_study(args, swept=["preset", "task", "glimpse_size", "glimpses"])
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))
 
     # Stage 1: the supervised rows and the drawing models, all at once.
     tuner = runner.restored(args, trainable) or tune.Tuner(
         trainable,
-        param_space={**study.base_config, "_variant": tune.grid_search(stage1)},
+        param_space={"variant": tune.grid_search(stage1)},
         tune_config=runner.tune_config(args),
         run_config=runner.run_config(args),
     )
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stage 2: self-supervised classification on each seed's frozen drawing model.
     drawn = {}  # seed -> the drawing model's last checkpoint
     for result in results:
-        row = {**study.base_config, **result.config["_variant"]}
+        row = {**study.context.base_config, **result.config["variant"]}
         if row["task"] == "draw" and result.error is None and result.checkpoint is not None:
             drawn[row["seed"]] = runner.checkpoint_file(result.checkpoint)
     missing = [seed for seed in seeds if seed not in drawn]
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage2:
         tuner = runner.restored(args, trainable, name=name) or tune.Tuner(
             trainable,
-            param_space={**study.base_config, "_variant": tune.grid_search(stage2)},
+            param_space={"variant": tune.grid_search(stage2)},
             tune_config=runner.tune_config(args),
             run_config=runner.run_config(args, name=name),
         )

@@ -34,25 +34,65 @@ images/s): on a shared, noisy machine compare only ratios of rows from one such 
 
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from stawm import schema
 from stawm.bench import benchmark
 from stawm.bench import report as report_
-from stawm.config import preset
+from stawm.flags import fail
+from stawm.provenance import PROJECT_ROOT
 from stawm.train.data import load_training_data
+
+
+def ray_trial(config: dict) -> None:
+    """One of (c)'s trials: `benchmark.packed_trial` on the seed Tune gives it, reporting to Tune."""
+    from ray import tune
+
+    benchmark.packed_trial(config["spec"] | {"cfg": {**config["spec"]["cfg"], "seed": config["seed"]}}, tune.report)
+
+
+def packed(cfg, device: torch.device, K: int, opts: tuple[str, str], args) -> dict:
+    """(c): K trials on one device at once, each a Ray Tune trial in its own process."""
+    import ray  # here: (a), (b) and (d) run without Ray installed
+    from ray import tune
+
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter prints nothing at verbose=0
+    wall = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address="local",  # our own cluster, never one found running on the machine
+                 num_cpus=cores, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR",  # stawm from this checkout, installed or not:
+                 runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+    resources = {"cpu": cores / K, **({"gpu": 1 / K} if device.type == "cuda" else {})}
+    spec = benchmark.packed_spec(cfg, device, K, opts, args)
+    tuner = tune.Tuner(
+        tune.with_resources(ray_trial, resources),
+        param_space={"seed": tune.grid_search(list(range(K))), "spec": spec},
+        tune_config=tune.TuneConfig(max_concurrent_trials=K),
+        run_config=tune.RunConfig(name=f"throughput-packed-k{K}", storage_path=tempfile.mkdtemp(prefix="stawm-ray-"),
+                                  verbose=0),
+    )
+    results = tuner.fit()
+    errors = [str(r.error) for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {K} Ray trials failed; the first: {errors[0][-2000:]}")
+    trials = [r.metrics_dataframe.to_dict("records") for r in results]
+    how = "Ray Tune trials, " + ", ".join(f"{k} {v:g}" for k, v in resources.items())
+    return benchmark.packed_row(trials, opts, time.perf_counter() - wall, how)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = benchmark.parse_args(__doc__, argv)
-    changes = {**schema.parse_pairs(args.set), "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed}
-    if args.dataset:
-        changes["dataset"] = args.dataset
-    if args.quick:
-        changes["augment"] = "rotate"  # so the smoke test runs both rotation pipelines
-    cfg = preset(args.preset, **changes)
+    quick = {"augment": "rotate"} if args.quick else {}  # so the smoke test runs both rotation pipelines
+    try:
+        cfg = args.configuration.config(seed=args.seed, **quick)  # --preset, --epochs, --config.FIELD...
+    except schema.ParamError as err:  # ConfigError is one
+        fail(Path(sys.argv[0]).name, err)
     device, cores = torch.device(args.device), os.cpu_count() or 1
     data = load_training_data(cfg, args.data_root, device)
     if args.threads:
@@ -77,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant == "a":
                     result = benchmark.baseline(cfg, device, args)
                 elif variant == "c":
-                    result = benchmark.packed(cfg, device, K, opts, args)
+                    result = packed(cfg, device, K, opts, args)
                 else:  # (b) the loop, (d) K seeds fused in it
                     result = benchmark.loop(variant, cfg, device, data, K, opts)
             except Exception as err:  # one broken variant must not cost the others (one GPU call runs them all)

@@ -767,13 +767,13 @@ def test_notebooks_run_headless(hand_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_notebooks_and_report_on_a_real_quick_study(quick_study, tmp_path):
+def test_notebooks_and_report_on_a_real_quick_study(glimpse_size_study, tmp_path):
     """What a user does after the README's main job: the report and the notebooks on its store."""
     from concurrent.futures import ThreadPoolExecutor
 
     from stawm.analysis.notebooks import run_notebook
 
-    uri = quick_study["uri"]
+    uri = glimpse_size_study["uri"]
     runs = store.load_runs("t", uri)
     assert len(runs) == 4 and sorted(runs["glimpse_size"]) == [6, 6, 8, 8]
     done = _report("--study", "t", "--tracking-uri", uri, "--out", str(tmp_path / "report"), "--no-log",

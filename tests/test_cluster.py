@@ -45,8 +45,10 @@ from mlflow import MlflowClient
 from stawm import schema
 from stawm.study import cluster, flags, gpu_share, preflight
 
-from conftest import (RAY_NODE_STARTING, SESSION_SERVER, _free_port, _stop_group, _wait_until_answers,
-                      early_result, stop_processes_naming)
+from background import RAY_NODE_STARTING, early_result
+from processes import env_without, stop_processes_naming
+from processes import free_port, stop_group, wait_until_answers
+from tracking_server import SESSION_SERVER
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray, python: the suite's environment, as a cluster image has them on PATH
@@ -68,7 +70,7 @@ class FakeCluster:
     tracking_uri: str = ""  # the suite's MLflow server, as the head's on a cluster
 
     def stop(self) -> None:
-        _stop_group(self.head, grace_s=1)  # nothing to flush: a fake cluster's state dies with it
+        stop_group(self.head, grace_s=1)  # nothing to flush: a fake cluster's state dies with it
         stop_processes_naming(str(self.temp_dir))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -104,25 +106,25 @@ def start_fake_cluster() -> FakeCluster:
     home = temp_dir / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("a-token-that-must-not-matter\n")
-    gcs, dashboard = f"127.0.0.1:{_free_port()}", _free_port()
+    gcs, dashboard = f"127.0.0.1:{free_port()}", free_port()
     config = temp_dir / "autoscaling.yaml"
     config.write_text(yaml.safe_dump(fake_autoscaling_config(gcs)))
     head_cpus = yaml.safe_load(config.read_text())["available_node_types"][FAKE_HEAD_TYPE]["resources"]["CPU"]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+    env = {**env_without("RAY_ADDRESS", "MLFLOW_TRACKING_URI"),
            "HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)}
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--autoscaling-config={config}",
                f"--port={gcs.rsplit(':', 1)[1]}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir / 'ray'}",
                f"--num-cpus={int(head_cpus)}", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
-               f"--dashboard-agent-listen-port={_free_port()}"]
+               f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}"]
     with RAY_NODE_STARTING:  # one Ray node starting at a time in the suite's background work (conftest)
         with open(temp_dir / "head.log", "wb") as log:
             head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         cluster = FakeCluster(gcs, f"http://127.0.0.1:{dashboard}", env, temp_dir, head)
         try:
-            _wait_until_answers(f"{cluster.dashboard}/api/jobs/", head, temp_dir / "head.log", START_S,
+            wait_until_answers(f"{cluster.dashboard}/api/jobs/", head, temp_dir / "head.log", START_S,
                                 "the fake cluster's head (ray start)")
         except BaseException:
             cluster.stop()

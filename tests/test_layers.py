@@ -1,8 +1,10 @@
 """The layers keep to their imports (../README.md's layout): each checked by importing every module of a
 layer in a fresh Python where the packages it must not use are blocked (an import of one raises).
 
-- config, schema, provenance: plain values and helpers, no torch;
+- config, schema, conditions, provenance, store_uri: plain values and helpers, no torch;
 - model and train: torch, never Ray or MLflow;
+- study: train, Ray and MLflow, never the benchmark or the analysis;
+- bench: the loop, never Ray, MLflow or the study layer (its packed-trials variant's Tuner is in studies/throughput.py);
 - analysis (the library, its notebooks and shipped-results scripts): never the study layer, the loop or Ray.
 """
 
@@ -56,16 +58,27 @@ def test_the_blocker_blocks():
 
 
 def test_config_schema_conditions_and_provenance_need_no_torch():
-    assert import_all(["torch", "ray", "mlflow"], modules=["stawm", "stawm.config", "stawm.schema",
-                                                          "stawm.conditions", "stawm.provenance"]) == 5
+    assert import_all(["torch", "ray", "mlflow", "sqlalchemy"],
+                      modules=["stawm", "stawm.config", "stawm.schema", "stawm.conditions", "stawm.provenance",
+                               "stawm.store_uri"]) == 6  # store_uri imports SQLAlchemy only when it parses a URL
 
 
 def test_model_and_train_never_import_ray_or_mlflow():
-    count = import_all(["ray", "mlflow", "optuna", "stawm.study", "stawm.analysis"],
+    count = import_all(["ray", "mlflow", "optuna", "stawm.study", "stawm.bench", "stawm.analysis"],
                        packages=["stawm.model", "stawm.train"])
     expected = {f"{p.parent.name}.{p.stem}" for folder in ("model", "train")
                 for p in (REPO / "stawm" / folder).glob("*.py") if p.stem not in ("__init__", "__main__")}
     assert count == len(expected)  # every module of both folders (but __main__, the command)
+
+
+def test_bench_knows_the_loop_only():
+    count = import_all(["ray", "mlflow", "optuna", "stawm.study", "stawm.analysis"], packages=["stawm.bench"])
+    assert count == len(list((REPO / "stawm" / "bench").glob("*.py"))) - 1  # all but __init__, where the walk starts
+
+
+def test_the_study_layer_never_imports_the_layers_above_it():
+    count = import_all(["stawm.analysis", "stawm.bench"], packages=["stawm.study"])
+    assert count == len(list((REPO / "stawm" / "study").glob("*.py"))) - 1  # all but __init__, where the walk starts
 
 
 def test_analysis_never_imports_the_study_layer_or_the_loop():

@@ -139,7 +139,7 @@ def test_an_error_the_server_answers_is_raised_not_ridden_out(mlflow_server):
 
 
 def test_an_overloaded_server_is_waited_for_like_one_that_does_not_answer():
-    # what `mlflow server` on SQLite answered 96 writers at once (stawm.bench.tracking_load, 2026-12-03)
+    # what `mlflow server` on SQLite answered 96 writers at once (stawm.study.tracking_load, 2026-12-03)
     busy = RestException({"error_code": "BAD_REQUEST", "message": "QueuePool limit of size 5 overflow 10 reached, "
                                                                   "connection timed out, timeout 30.00"})
     assert outbox.unanswered(busy)
@@ -154,11 +154,12 @@ def finished_study(uri: str, budget_s: float) -> tuple[runner.Study, list[Result
     parent = tracking.create_study_run(client, experiment, name, {}, "studies/x.py", "abc", False)
     tags = {schema.PARENT_RUN_ID: parent, schema.TRIAL_ID: "t0", schema.ROLE: schema.ROLE_TRIAL}
     trial_run = client.create_run(experiment, tags=tags).info.run_id
-    config = {"preset": "tiny", "epochs": 2, "seed": 0}
+    config = {"seed": 0}  # what the study swept; the rest is its context's
     result = Result(metrics={"trial_id": "t0", "tracking_outages": 1, "tracking_down_s": 12.0, "config": config},
                     checkpoint=None, error=None, path="/tmp/t0")
-    base = {"_tracking_outage_budget": budget_s}
-    return runner.Study(name, parent, experiment, uri, [], base), [result], trial_run
+    context = runner.TrialContext(name, experiment, parent, uri, base_config={"preset": "tiny", "epochs": 2},
+                                  outage_budget_s=budget_s)
+    return runner.Study(name, parent, experiment, uri, [], context), [result], trial_run
 
 
 def test_the_driver_waits_for_the_server_to_close_the_runs(mlflow_server, gate, capsys, monkeypatch):

@@ -3,7 +3,7 @@
 - the share arithmetic, by hand (the probe that measures the peak needs a GPU: not run here);
 - the trainable on fused seeds, outside Ray (Tune's three calls faked): a diverging member's run is
   closed, flagged, while the other member goes on; a retried trial continues every member's run;
-- a real quick study with --fuse-seeds through a subprocess (conftest's `studies`): one Tune trial per
+- a real quick study with --fuse-seeds through a subprocess (conftest's `shared_ray_studies`): one Tune trial per
   glimpse size, one MLflow run per seed, and each member's numbers equal to its plain engine run.
 """
 
@@ -47,7 +47,7 @@ def test_seed_space_is_a_seed_grid_or_the_fused_seeds(tmp_path):
     fused = runner.parse_args("a study", preset="mnist-class-8",
                               argv=[*argv, "--fuse-seeds", "--gpus-per-trial", "auto"])
     assert runner.seed_space(plain) == {"seed": tune.grid_search([0, 1])}
-    assert runner.seed_space(fused) == {"_seeds": [0, 1]}
+    assert runner.seed_space(fused) == {"seeds": [0, 1]}
     assert fused.gpus_per_trial == "auto" and fused.device == "auto"  # chosen in start_study, once Ray is up
 
 
@@ -107,9 +107,10 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
     client = MlflowClient(uri)
     experiment_id = tracking.experiment(client, "fused", uri)
     parent = client.create_run(experiment_id, tags={schema.ROLE: schema.ROLE_STUDY, schema.STUDY: "fused"}).info.run_id
-    config = {**preset("tiny", epochs=3, max_steps=2).to_flat(), "_study": "fused", "_experiment_id": experiment_id,
-              "_parent_run_id": parent, "_tracking_uri": uri, "_device": "cpu", "_fuse_seeds": True,
-              "_seeds": [0, 1]}
+    context = runner.TrialContext(study="fused", experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri,
+                                  base_config=preset("tiny", epochs=3, max_steps=2).to_flat(), device="cpu",
+                                  fuse_seeds=True)
+    config = {"seeds": [0, 1]}  # what the study sweeps: here only the seed axis, fused
     fake = FakeTune(tmp_path / "trial", fail_at_report=2)  # epoch 2: logged to MLflow, then the crash
     fake.folder.mkdir()
     monkeypatch.setattr(trial, "tune", fake)
@@ -123,9 +124,9 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
     fake.on_report = lambda metrics: status_at_report.append({k: r.info.status for k, r in runs().items()})
 
     with pytest.raises(RuntimeError, match="fault injected at report 2"):  # the first attempt: Tune would retry it
-        trial.trainable(config)
+        trial.trainable(config, context)
     assert {k: r.info.status for k, r in runs().items()} == {0: "FAILED", 1: "FINISHED"}
-    trial.trainable(config)  # the retry: from the epoch-1 checkpoint, into the same two runs
+    trial.trainable(config, context)  # the retry: from the epoch-1 checkpoint, into the same two runs
 
     assert status_at_report == [{0: "RUNNING", 1: "RUNNING"},  # epoch 1: member 1 is closed after its report
                                 {0: "RUNNING", 1: "FINISHED"}, {0: "RUNNING", 1: "FINISHED"}]
@@ -154,9 +155,10 @@ def test_a_diverging_member_is_closed_flagged_while_the_other_goes_on_and_a_retr
 # --- a real quick study with --fuse-seeds -----------------------------------------------------------
 
 @pytest.mark.slow
-def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
-    # glimpse_size.py --quick --fuse-seeds --gpus-per-trial auto --epochs 2 --set max_steps=3 (conftest's `studies`)
-    stdout, uri = studies.stdout("fused"), studies.uri
+def test_glimpse_size_quick_with_fused_seeds_end_to_end(shared_ray_studies, tmp_path):
+    # glimpse_size.py --quick --fuse-seeds --gpus-per-trial auto --epochs 2 --set max_steps=3
+    # (conftest's `shared_ray_studies`)
+    stdout, uri = shared_ray_studies.stdout("fused"), shared_ray_studies.uri
 
     # Tune ran one trial per glimpse size, each over both seeds
     assert "fused: 2 trials" in stdout
@@ -208,10 +210,11 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(studies, tmp_path):
 def test_device_auto_trains_on_the_cpu_when_the_trial_sees_no_gpu(capsys):
     from stawm.study.gpu_share import trial_device
 
-    assert trial_device({"_device": "auto", "_gpu_fraction": 0.0}) == ("cpu", "cpu")
+    context = lambda device, share: runner.TrialContext("s", "e", "p", "sqlite://", device=device, gpu_fraction=share)
+    assert trial_device(context("auto", 0.0)) == ("cpu", "cpu")
     assert capsys.readouterr().out == ""  # no GPU asked, nothing to say
-    assert trial_device({"_device": "auto", "_gpu_fraction": 0.5}) == ("cpu", "cpu")  # this machine has no CUDA
+    assert trial_device(context("auto", 0.5)) == ("cpu", "cpu")  # this machine has no CUDA
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and "asked for 0.5 GPU but sees no CUDA device" in said[0] and "on the CPU" in said[0]
     with pytest.raises(RuntimeError, match="--device cuda, but this trial sees no GPU.*--device auto"):
-        trial_device({"_device": "cuda", "_gpu_fraction": 0.5})
+        trial_device(context("cuda", 0.5))

@@ -8,13 +8,13 @@ import time
 
 import pytest
 
+from stawm.flags import default_tracking_uri
 from stawm.study.preflight import (
     PreflightError,
     check_for_cluster,
     check_outside_job_folder,
     check_storage,
     check_tracking_uri,
-    default_tracking_uri,
     storage_is_shared,
 )
 

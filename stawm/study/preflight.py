@@ -6,30 +6,28 @@ the path or URI, the cause, and what to do.
 
     check_outside_job_folder({"--storage": ..., ...})         # not in `ray job submit`'s temporary copy
     storage = check_storage(args.storage)                    # for tune.RunConfig(storage_path=...)
-    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri()  # stawm.flags')
     check_for_cluster(storage, tracking_uri, cluster="...")  # once Ray is up: several nodes need shared ones
 
 Environment:
     STAWM_SHARED_STORAGE=1  a local storage path is a mount every node shares (NFS, EFS, Lustre),
                             so `check_storage_for_cluster` accepts it on a multi-node cluster.
 
-This module imports neither torch nor mlflow (urllib is enough to ask a tracking server), and
-runs pyarrow only in a child process (see `_probe_remote_storage`). Messages never show a password
-(`provenance.redact`).
+This module imports neither torch nor mlflow at import time: MLflow's REST client is loaded only to ask a
+tracking server (so it sends the credentials the client would), and pyarrow runs only in a child process
+(see `_probe_remote_storage`). Messages never show a password (`provenance.redact`).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
+from .. import store_uri
 from ..provenance import redact
 
 SHARED_STORAGE_ENV = "STAWM_SHARED_STORAGE"
@@ -51,7 +49,7 @@ class PreflightError(ValueError):
 
 def storage_is_shared(uri: str) -> bool:
     """True for URIs every node can reach (s3://, gs://, abfs://, hdfs://, ...), False for local paths."""
-    return _scheme(uri) not in _LOCAL_SCHEMES
+    return store_uri.scheme(uri) not in _LOCAL_SCHEMES
 
 
 def check_storage(uri: str, *, timeout_s: float = 30.0) -> str:
@@ -63,8 +61,7 @@ def check_storage(uri: str, *, timeout_s: float = 30.0) -> str:
     """
     if not uri or not uri.strip():
         raise PreflightError("storage is empty: give a folder or a URI such as s3://BUCKET/ray")
-    scheme = _scheme(uri)
-    if scheme in ("", "file"):
+    if store_uri.scheme(uri) in ("", "file"):
         return _check_local_storage(_local_path(uri))
     _probe_remote_storage(uri, timeout_s)
     return uri
@@ -85,7 +82,7 @@ def check_for_cluster(storage: str, tracking_uri: str, cluster: str) -> None:
             f" write their checkpoints there: use s3://BUCKET/PATH or gs://BUCKET/PATH, or set"
             f" {SHARED_STORAGE_ENV}=1 if it is a mount (NFS) shared by every node"
         )
-    if _scheme(tracking_uri) in ("sqlite", "", "file"):
+    if store_uri.scheme(tracking_uri) in ("sqlite", "", "file"):
         raise PreflightError(
             f"tracking URI {redact(tracking_uri)} is a file on this machine, but {cluster} runs trials on other"
             f" nodes, which cannot open it: start `mlflow server` on the head (cluster.yaml does) and pass"
@@ -137,13 +134,12 @@ def check_outside_job_folder(paths: dict[str, str]) -> None:
 
 
 def _local_file(value: str) -> Path | None:
-    """The absolute path a flag's value names on this machine, None for a remote URI or a server."""
-    scheme = _scheme(value)
-    if scheme == "sqlite":
-        return Path(os.path.abspath(value[len("sqlite:///"):].partition("?")[0] or "."))
-    if scheme in ("", "file"):
-        return Path(_local_path(value))
-    return None
+    """The absolute path a flag's value names on this machine, None for a remote URI, a server or an
+    in-memory database."""
+    database = store_uri.sqlite_path(value)
+    if database is not None:
+        return Path(os.path.abspath(database))
+    return Path(_local_path(value)) if store_uri.scheme(value) in ("", "file") else None
 
 
 def _check_local_storage(path: str) -> str:
@@ -197,14 +193,6 @@ def _probe_remote_storage(uri: str, timeout_s: float) -> None:
 # --- MLflow tracking URI --------------------------------------------------------------------------
 
 
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI if set, else an SQLite file in the current folder.
-
-    The path is absolute so Ray workers, which start in other folders, open the same file.
-    """
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(os.getcwd(), "mlflow.db")
-
-
 def check_tracking_uri(uri: str, *, timeout_s: float = 5.0) -> str:
     """Check that MLflow can use `uri` and return it normalised.
 
@@ -213,7 +201,7 @@ def check_tracking_uri(uri: str, *, timeout_s: float = 5.0) -> str:
     API request. A plain path or file: URI (MLflow's deprecated file store) is rejected.
     postgresql://, mysql://, mssql:// and databricks URIs are returned unchecked.
     """
-    scheme = _scheme(uri)
+    scheme = store_uri.scheme(uri)
     if scheme == "sqlite":
         return _check_sqlite(uri)
     if scheme in ("http", "https"):
@@ -233,14 +221,14 @@ def check_tracking_uri(uri: str, *, timeout_s: float = 5.0) -> str:
 
 
 def _check_sqlite(uri: str) -> str:
-    # SQLAlchemy's form: sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:// = memory.
-    rest, _, query = uri[len("sqlite://"):].partition("?")
-    if rest in ("", "/", "/:memory:"):
+    database = store_uri.sqlite_path(uri)  # no file: sqlite://, sqlite:///:memory:
+    if database is None:
         raise PreflightError(
             f"tracking URI {uri} is an in-memory SQLite database, lost when the process exits:"
             f" give a file, sqlite:///ABSOLUTE/PATH/mlflow.db"
         )
-    path = os.path.abspath(rest[1:])
+    path = os.path.abspath(database)
+    query = uri.partition("?")[2]  # driver options such as ?timeout=20 stay
     folder = os.path.dirname(path)
     reason = _unwritable_folder(folder)
     if reason:
@@ -254,55 +242,62 @@ def _check_sqlite(uri: str) -> str:
 
 
 def _check_tracking_server(uri: str, timeout_s: float) -> str:
+    from mlflow.exceptions import MlflowException  # here: the other checks stay free of MLflow's import time
+
     try:
-        _get(f"{uri}/health", timeout_s)
-    except OSError as e:  # URLError and HTTPError are OSErrors; a timeout is a TimeoutError
-        cause = f"/health answered HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        status = _get(uri, "/health", timeout_s)
+        cause = f"/health answered HTTP {status}" if status >= 400 else None
+    except MlflowException as e:
+        cause = _no_answer_reason(e)
+    if cause:
         raise PreflightError(
             f"cannot reach MLflow tracking server at {uri}: {cause} (is `mlflow server` running"
             f" there, and the port open?)"
-        ) from None
+        )
     # MLflow 3 exempts /health from its Host-header check, so a server that answers /health
     # may still refuse every API call, e.g. when addressed by a public IP or a DNS name.
     try:
-        _get(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
-    except urllib.error.HTTPError as e:
-        raise PreflightError(_refusal_message(uri, e)) from None
-    except OSError as e:
-        raise PreflightError(f"MLflow tracking server at {uri} stopped answering: {getattr(e, 'reason', e)}") from None
+        status = _get(uri, "/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
+    except MlflowException as e:
+        raise PreflightError(f"MLflow tracking server at {uri} stopped answering: {_no_answer_reason(e)}") from None
+    if status >= 400:
+        raise PreflightError(_refusal_message(uri, status))
     return uri
 
 
-def _refusal_message(uri: str, e: urllib.error.HTTPError) -> str:
+def _refusal_message(uri: str, status: int) -> str:
     host = urllib.parse.urlsplit(uri).netloc
-    if e.code == 403:
+    if status == 403:
         return (
             f"MLflow tracking server at {uri} refuses requests addressed to {host} (HTTP 403): start"
             f" it with --allowed-hosts {host}, or address it by localhost or a private IP"
         )
-    if e.code == 401:
+    if status == 401:
         return (
             f"MLflow tracking server at {uri} wants credentials (HTTP 401): set"
             f" MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
-    return f"MLflow tracking server at {uri} answered HTTP {e.code} to an API request: is it an MLflow server?"
+    return f"MLflow tracking server at {uri} answered HTTP {status} to an API request: is it an MLflow server?"
 
 
-def _get(url: str, timeout_s: float) -> None:
-    request = urllib.request.Request(url, headers=_auth_headers())
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        response.read()
+def _get(uri: str, endpoint: str, timeout_s: float) -> int:
+    """The HTTP status of a GET of `endpoint`, sent as the MLflow client sends its requests: its credentials
+    (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, ~/.mlflow/credentials, an auth plugin) and TLS settings.
+    Tried once, within `timeout_s`; MlflowException when no answer came."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    response = http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0, backoff_factor=0,
+                            timeout=timeout_s, raise_on_status=False)
+    return response.status_code
 
 
-def _auth_headers() -> dict[str, str]:
-    """The credentials the MLflow client itself would send, from the same variables."""
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-    return {}
+def _no_answer_reason(e: Exception) -> str:
+    """Why a request got no answer, in urllib3's words ("...: [Errno 111] Connection refused"): `http_request`
+    wraps requests' exception, whose first argument is urllib3's, which holds the reason."""
+    wrapped = e.__cause__ or e.__context__ or e
+    inner = wrapped.args[0] if wrapped.args else wrapped
+    return " ".join(str(getattr(inner, "reason", inner)).split())
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -323,20 +318,12 @@ def _unwritable_folder(path: str) -> str | None:
     return None
 
 
-def _scheme(uri: str) -> str:
-    """The URI scheme, lower case; "" for a plain path (also one with a colon, or C:\\...)."""
-    if "://" not in uri and not uri.startswith("file:"):
-        return ""
-    return urllib.parse.urlsplit(uri).scheme.lower()
-
-
 def _local_path(uri: str) -> str:
-    if uri.startswith("file:"):
-        parts = urllib.parse.urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise PreflightError(f"storage {uri} names another host: file:// URIs must be file:///PATH")
-        return os.path.abspath(urllib.request.url2pathname(parts.path))
-    return os.path.abspath(os.path.expanduser(uri))
+    """The absolute path of a plain path or file: URI; a file:// URI naming another host is refused."""
+    try:
+        return os.path.abspath(store_uri.local_path(uri))
+    except ValueError as e:
+        raise PreflightError(f"storage {uri} {e}") from None
 
 
 def _env_flag(name: str) -> bool:

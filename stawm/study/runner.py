@@ -7,9 +7,10 @@ A study (studies/*.py) reads top to bottom:
     grid = {"glimpse_size": [6, 8, 12, 16, 28]}
     runner.check_grid(args, grid)                                  # every combination is a valid Config
     study = runner.start_study(args, swept=list(grid))             # Ray up, storage checked, MLflow parent run
-    space = {**study.base_config, "glimpse_size": tune.grid_search(grid["glimpse_size"]),
-             **runner.seed_space(args)}                            # a seed grid, or with --fuse-seeds `_seeds`
-    trainable = tune.with_resources(runner.trainable, runner.resources(args))
+    space = {"glimpse_size": tune.grid_search(grid["glimpse_size"]),
+             **runner.seed_space(args)}                            # a seed grid, or with --fuse-seeds `seeds`
+    trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
+                                    runner.resources(args))        # what is not searched: the TrialContext
     tuner = runner.restored(args, trainable) or tune.Tuner(        # --resume continues a saved study
         trainable, param_space=space, tune_config=runner.tune_config(args), run_config=runner.run_config(args))
     return runner.finish_study(study, tuner.fit())                 # one line per trial, where to look
@@ -17,7 +18,7 @@ A study (studies/*.py) reads top to bottom:
 Each job has its module, and this one gathers what a study needs of them (`__all__`):
 - `flags`: the shared flags and their validation, grids, variants and the seed axis;
 - `tracking`: the MLflow experiment, parent and child runs, in `stawm.schema`'s names;
-- `trial`: the trainable, one Tune trial (its config = flat Config + RUNNER_KEYS);
+- `trial`: the trainable, one Tune trial (its config: what the study sweeps; the rest: its `TrialContext`);
 - `tune_checkpoints`: the trial's checkpoints on Tune's storage, resume from the newest;
 - `gpu_share`: --gpus-per-trial auto and the per-trial CUDA memory cap;
 - `preflight`, `cluster`: what is checked before Ray starts, and the Ray cluster's shape.
@@ -33,14 +34,15 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from .. import provenance, schema
+from .. import provenance, schema, store_uri
 from ..train import CHECKPOINT
 from . import cluster, gpu_share, outbox, preflight, tracking
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, positive_int, seed_space, seeds, variant
-from .trial import RUNNER_KEYS, member_seeds, trainable, trial_config
+from .context import TrialContext
+from .trial import member_seeds, trainable, trial_config
 from .tune_checkpoints import checkpoint_uri, read_state
 
-__all__ = ["RUNNER_KEYS", "Study", "StudyArgs", "best_configs", "check_grid", "checkpoint_file", "finish_study",
+__all__ = ["Study", "StudyArgs", "TrialContext", "best_configs", "check_grid", "checkpoint_file", "finish_study",
            "parse_args", "positive_int", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
            "trainable", "tune_config", "variant"]
 
@@ -52,13 +54,14 @@ class Study:
     experiment_id: str
     tracking_uri: str
     swept: list[str]
-    base_config: dict  # flat config + runner keys: what every trial's config starts from
+    context: TrialContext  # what every trial gets besides its search values (tune.with_parameters)
 
 
-def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -> Study:
+def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, fixed: dict | None = None) -> Study:
     """Connect Ray (RAY_ADDRESS: join that cluster; else start one on this machine), check the storage and the
     tracking store for the cluster's shape (what it can grow to), write a probe artifact, and create (or, with
-    --resume, reopen) the study's MLflow parent run."""
+    --resume, reopen) the study's MLflow parent run. `fixed`: Config fields this study sets for every trial on
+    top of the flags' base config (not searched, so not in its param_space)."""
     name = name or args.name
     outbox.bound_client_retries()  # before Ray starts: local trials inherit it
     if not ray.is_initialized():
@@ -89,13 +92,13 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None) -
                                            commit, dirty)
     else:
         parent = tracking.reopen_study_run(client, found)
-    base = {**args.config, "_study": name, "_experiment_id": experiment_id, "_parent_run_id": parent,
-            "_swept": [s for s in swept if s != "seed"], "_source": source,
-            "_tracking_uri": args.tracking_uri, "_tracking_outage_budget": args.tracking_outage_budget,
-            "_git_commit": commit, "_git_dirty": dirty,
-            "_data_root": args.data_root, "_device": args.device, "_gpu_fraction": args.gpus_per_trial,
-            "_gpu_overhead_mb": args.gpu_choice.get("probe_overhead_mb", 0.0), "_fuse_seeds": args.fuse_seeds}
-    return Study(name, parent, experiment_id, args.tracking_uri, list(swept), base)
+    context = TrialContext(
+        study=name, experiment_id=experiment_id, parent_run_id=parent, tracking_uri=args.tracking_uri,
+        base_config={**args.config, **(fixed or {})}, swept=tuple(s for s in swept if s != "seed"),
+        outage_budget_s=args.tracking_outage_budget, git_commit=commit, git_dirty=dirty, source=source,
+        data_root=args.data_root, device=args.device, gpu_fraction=float(args.gpus_per_trial),
+        gpu_overhead_mb=args.gpu_choice.get("probe_overhead_mb", 0.0), fuse_seeds=args.fuse_seeds)
+    return Study(name, parent, experiment_id, args.tracking_uri, list(swept), context)
 
 
 # --- Tune pieces ---------------------------------------------------------------------------------
@@ -163,8 +166,8 @@ def optuna_storage(args: StudyArgs, study_name: str, url: str = ""):
     import optuna
 
     if not url:
-        folder = (Path(args.tracking_uri[len("sqlite:///"):].partition("?")[0]).resolve().parent
-                  if args.tracking_uri.startswith("sqlite:///") else Path.cwd())
+        database = store_uri.sqlite_path(args.tracking_uri)
+        folder = database.resolve().parent if database is not None else Path.cwd()
         url = f"sqlite:///{folder / 'optuna.db'}"
     try:
         preflight.check_outside_job_folder({"--optuna-storage": url})
@@ -193,8 +196,8 @@ def finish_study(study: Study, results) -> int:
     errors = sum(result.error is not None for result in results)
     print(f"\n{study.name}: {len(results)} trials")
     for result in results:
-        print("  " + _summary_line(result, study.swept, result.metrics.get("trial_id") or Path(result.path).name))
-    server = outbox.Server(study.tracking_uri, study.base_config["_tracking_outage_budget"], "the study driver")
+        print("  " + _summary_line(result, study, result.metrics.get("trial_id") or Path(result.path).name))
+    server = outbox.Server(study.tracking_uri, study.context.outage_budget_s, "the study driver")
     try:
         server.wait_call(_close_study, study, results, errors, doing="waits to close the study's runs")
     except outbox.OutageBudgetExceeded as err:
@@ -240,17 +243,17 @@ def _close_left_running(client: MlflowClient, study: Study, trial_id: str, resul
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             state = read_state(Path(folder))
-    stopped_early = result.error is None and state.get("epoch", 0) < trial_config(result.config).epochs
+    stopped_early = result.error is None and state.get("epoch", 0) < trial_config(result.config, study.context).epochs
     tracking.close_left_running(client, study.experiment_id, study.parent_run_id, trial_id,
                                 state.get("members", []), failed=result.error is not None,
                                 stopped_early=stopped_early)
 
 
-def _summary_line(result, swept: list[str], trial_id: str) -> str:
-    # with several seeds (fused), Tune's numbers are their means (`trial.tune_report`)
-    config = {**result.config, **result.config.get("_variant", {}),
-              "seed": ",".join(map(str, member_seeds(result.config)))}
-    shown = tracking.run_name(config, swept)
+def _summary_line(result, study: Study, trial_id: str) -> str:
+    # with several seeds (fused), Tune's numbers are their means (`recorder.tune_report`)
+    config = {**study.context.base_config, **result.config, **result.config.get("variant", {}),
+              "seed": ",".join(map(str, member_seeds(result.config, study.context)))}
+    shown = tracking.run_name(config, study.swept)
     if result.error is not None:
         return f"{trial_id}  {shown}  ERROR: {str(result.error).strip().splitlines()[-1]}"
     m = result.metrics

@@ -5,8 +5,8 @@ is read from it when the function runs, so that a rename there renames what land
 
 A child run is keyed to the Ray Tune trial id (and, for fused seeds, the member index) rather than
 opened afresh: a retried trial or a restored study continues its run, so every trial keeps exactly
-one MLflow run (MLflow's own Tune callback opens a second one after `Tuner.restore`, see
-../shared/PITFALLS.md). The trial's verdict (the stability tags) is rewritten every epoch, so that a
+one MLflow run (MLflow's own Tune callback opens a second run for every trial resumed by
+`Tuner.restore`). The trial's verdict (the stability tags) is rewritten every epoch, so that a
 run whose process dies mid-study still says how far it got.
 """
 
@@ -29,10 +29,12 @@ from .. import schema
 from ..config import Config
 from ..model.stability import StabilityMonitor
 from ..provenance import PROJECT_ROOT, command_line, redact
+from ..store_uri import sqlite_path
 from ..train.data import DataBundle
+from .context import TrialContext
 from .preflight import PreflightError
 
-NOT_PARAMS = ("changes", "config", "extra", "set", "resume", "gpu_choice")  # StudyArgs fields the parent omits
+NOT_PARAMS = ("set", "resume")  # flags the parent records otherwise (set: joined) or not at all
 
 
 def experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -43,10 +45,9 @@ def experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
         if found.tags.get(schema.EXPERIMENT_KIND) != schema.EXPERIMENT_KIND_TRAINING:
             client.set_experiment_tag(found.experiment_id, schema.EXPERIMENT_KIND, schema.EXPERIMENT_KIND_TRAINING)
         return found.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever cwd the driver has
-        database = Path(tracking_uri[len("sqlite:///"):].partition("?")[0]).resolve()
-        location = (database.parent / "mlartifacts" / name).as_uri()
+    location, database = None, sqlite_path(tracking_uri)
+    if database is not None:  # artifacts beside the database, not in whatever cwd the driver has
+        location = (database.resolve().parent / "mlartifacts" / name).as_uri()
     return client.create_experiment(name, artifact_location=location, tags=kind)
 
 
@@ -110,10 +111,11 @@ def find_study_run(client: MlflowClient, experiment_id: str, name: str):
 
 
 def study_params(args, swept: list[str]) -> dict:
-    """The parent run's params: the study's flags (its own too), the seeds, the swept fields, the epochs
-    each trial trains and, with --gpus-per-trial auto, the share chosen (`gpu_share.choose`)."""
-    flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_PARAMS}
-    params = {**flags, **args.extra, "set": ",".join(args.set), schema.SEEDS: args.seeds,
+    """The parent run's params: the study's flags (its own too, and each --config.FIELD given: `StudyArgs.flags`),
+    the seeds, the swept fields, the epochs each trial trains and, with --gpus-per-trial auto, the share chosen
+    (`gpu_share.choose`)."""
+    flags = {k: v for k, v in args.flags().items() if k not in NOT_PARAMS}
+    params = {**flags, "set": ",".join(args.set), schema.SEEDS: args.seeds,
               schema.SWEPT: ",".join(s for s in swept if s != "seed"), "epochs": args.config["epochs"],
               **({"gpus_per_trial": "auto", **args.gpu_choice} if args.gpu_choice else {})}
     return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}  # URIs may carry passwords
@@ -140,31 +142,29 @@ def reopen_study_run(client: MlflowClient, run) -> str:
 # --- a trial's runs -----------------------------------------------------------------------------
 
 
-def open_trial_run(client: MlflowClient, config: dict, cfg: Config, trial_id: str, trial_name: str,
+def open_trial_run(client: MlflowClient, context: TrialContext, cfg: Config, trial_id: str, trial_name: str,
                    placement: dict[str, str], member: int | None = None) -> tuple[str, bool]:
     """The child run of the trial (or of its member, when fused): continued if one is tagged with this
     trial id (and member index), else created. Returns the run id and whether it was continued.
 
-    config: the trial's, for its runner keys (`_experiment_id`, `_parent_run_id`, `_study`, `_git_commit`,
-    `_git_dirty`, `_source`, `_swept`); cfg: the member's Config, whose flat fields become the params and, for
-    the values the study sweeps, the run's name (Tune's trial name when it sweeps nothing); placement: the tags
-    that say where this attempt runs (host, Ray node, device, GPU), rewritten on every attempt."""
-    keys = {schema.PARENT_RUN_ID: config["_parent_run_id"], schema.TRIAL_ID: trial_id}
+    context: the study's (experiment, parent run, source and commit, the swept fields); cfg: the member's Config,
+    whose flat fields become the params and, for the values the study sweeps, the run's name (Tune's trial name
+    when it sweeps nothing); placement: the tags that say where this attempt runs (host, Ray node, device, GPU),
+    rewritten on every attempt."""
+    keys = {schema.PARENT_RUN_ID: context.parent_run_id, schema.TRIAL_ID: trial_id}
     if member is not None:
         keys[schema.MEMBER] = str(member)
-    name = run_name(dataclasses.asdict(cfg), config.get("_swept", [])) or trial_name
-    found = client.search_runs([config["_experiment_id"]], schema.tag_filter(keys), max_results=1)
+    name = run_name(dataclasses.asdict(cfg), list(context.swept)) or trial_name
+    found = client.search_runs([context.experiment_id], schema.tag_filter(keys), max_results=1)
     where = [RunTag(schema.HOST, socket.gethostname()), *(RunTag(k, v) for k, v in placement.items())]  # may move
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=where)
         return run_id, True
-    tags = {**keys, schema.ROLE: schema.ROLE_TRIAL, schema.STUDY: config["_study"], schema.PRESET: cfg.preset,
-            schema.SEED: str(cfg.seed),
-            **source_tags(config.get("_source", "unknown"), config.get("_git_commit", "unknown"),
-                          config.get("_git_dirty"))}
-    run_id = client.create_run(config["_experiment_id"], run_name=name, tags=tags).info.run_id
+    tags = {**keys, schema.ROLE: schema.ROLE_TRIAL, schema.STUDY: context.study, schema.PRESET: cfg.preset,
+            schema.SEED: str(cfg.seed), **source_tags(context.source, context.git_commit, context.git_dirty)}
+    run_id = client.create_run(context.experiment_id, run_name=name, tags=tags).info.run_id
     flat = cfg.to_flat()
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()],
                      tags=[*where, *stability_tags(StabilityMonitor(cfg).report())])

@@ -1,8 +1,9 @@
 """One training run from the command line.
 
-    stawm-train --preset mnist-class-8 --epochs 1 --seed 0 --set memory_size=128 --set glimpses=4 --json out.json
+    stawm-train --preset mnist-class-8 --epochs 1 --seed 0 --config.memory-size 128 --config.glimpses 4 --json out.json
 
-(`python -m stawm.train` is the same command.)
+(`python -m stawm.train` is the same command; its flags are `TrainArgs`, with the config and data groups of
+`stawm.flags` that the studies share.)
 
 Prints one summary line per epoch (and a progress bar when the terminal is interactive); with --json
 writes the final metrics (`test_error` as a fraction at the top level) and the stability report.
@@ -13,45 +14,47 @@ naming it, exit status 2, before any epoch runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
 
 from .. import schema
-from ..config import PRESETS, preset
+from ..flags import ConfigFlags, ConfigGroup, DataFlags, Group, error_line, flag, flat, one_of, parse
 from .checkpoints import CHECKPOINT, CheckpointError
-from .data import DATASETS, MissingDataError
+from .data import MissingDataError
 from .loop import final_metrics, train
 from .step import COMPILE_MODES, PRECISIONS
 
 PROG = "stawm-train"
+CompileMode, Precision = one_of(COMPILE_MODES), one_of(PRECISIONS)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mnist-class-8", choices=sorted(PRESETS), metavar="NAME",
-                   help=f"Appendix D configuration: {', '.join(sorted(PRESETS))} (default: %(default)s)")
-    p.add_argument("--authors-code", action="store_true",
-                   help="start from the authors' script for the preset instead of the paper (README's table)")
-    p.add_argument("--epochs", type=int, help="epochs to train (default: the preset's, i.e. the paper's)")
-    p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation, dropout (default: 0)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, repeatable (e.g. --set memory_size=128)")
-    p.add_argument("--dataset", choices=DATASETS, help="dataset (default: the preset's)")
-    p.add_argument("--data-root", help="dataset folder (default: $STAWM_DATA or ~/.cache/stawm)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
-    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
-                   help="torch.compile mode for the model (default: none, plain eager); a GPU option")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="bf16 autocasts the forward pass (default: fp32; see BENCHMARKS.md before using bf16)")
-    p.add_argument("--checkpoint-dir", type=Path,
-                   help="where the per-epoch checkpoint goes (default: runs/PRESET-seedSEED)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run whose checkpoint is in DIR")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write final metrics and the stability report here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    return p.parse_args(argv)
+@flat("configuration", "data")  # args.preset, args.data_root...: see stawm.flags.flat
+@dataclass
+class TrainArgs:
+    """stawm-train's own flags; the configuration and the data are the groups the studies share."""
+
+    seed: int = 0  # seeds init, data order, augmentation, dropout
+    # torch.compile mode for the model (none: plain eager); a GPU option
+    compile: CompileMode = "none"
+    precision: Precision = "fp32"  # bf16 autocasts the forward pass (see BENCHMARKS.md before using bf16)
+    # where the per-epoch checkpoint goes
+    checkpoint_dir: Annotated[Optional[Path], flag(unset="runs/PRESET-seedSEED", metavar="DIR")] = None
+    # continue the run whose checkpoint is in DIR
+    resume: Annotated[Optional[Path], flag(unset="a new run", metavar="DIR")] = None
+    # write final metrics and the stability report here
+    json: Annotated[Optional[Path], flag(unset="none", metavar="FILE")] = None
+    no_progress: bool = False  # no progress bar even on a terminal
+    configuration: ConfigGroup = field(default_factory=lambda: ConfigFlags(preset="mnist-class-8"))
+    data: Group[DataFlags] = field(default_factory=DataFlags)
+
+
+def parse_args(argv=None) -> TrainArgs:
+    return parse(TrainArgs, argv, prog=PROG, description=__doc__.split("\n\n")[0])
 
 
 def summary_line(record: dict) -> str:
@@ -68,14 +71,10 @@ def summary_line(record: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        changes = schema.parse_pairs(args.set)
-        if args.epochs is not None:
-            changes["epochs"] = args.epochs
-        if args.dataset is not None:
-            changes["dataset"] = args.dataset
-        cfg = preset(args.preset, authors_code=args.authors_code, seed=args.seed, **changes)
+        cfg = args.configuration.config(seed=args.seed)
     except schema.ParamError as err:  # ConfigError is one
         return _error(err)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint_dir = args.resume or args.checkpoint_dir or Path("runs") / f"{cfg.preset}-seed{cfg.seed}"
     if args.resume is None and (checkpoint_dir / CHECKPOINT).exists():
         return _error(f"{checkpoint_dir / CHECKPOINT} exists; continue it with --resume {checkpoint_dir} "
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     progress = sys.stderr.isatty() and not args.no_progress
     records = []
     try:
-        for (record,) in train([cfg], device=args.device, data_root=args.data_root, checkpoint_dir=checkpoint_dir,
+        for (record,) in train([cfg], device=device, data_root=args.data_root or None, checkpoint_dir=checkpoint_dir,
                             resume=args.resume is not None, progress=progress, compile=args.compile,
                             precision=args.precision):
             records.append(record)
@@ -103,5 +102,5 @@ def main(argv=None) -> int:
 
 
 def _error(message) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.stderr.write(error_line(PROG, message))
     return 2

