@@ -167,7 +167,7 @@ class ConfigFlags:
     # stop each epoch after this many steps (0: the whole epoch); for benchmarks and smoke tests
     max_steps: Annotated[NaturalInt, flag(top=True)] = 0
     dataset: Annotated[DatasetName, flag(top=True, unset="the preset's")] = ""  # the dataset to train on
-    # any config field as FIELD=VALUE, repeatable: --set memory_size=128 is --config.memory-size 128 (the older
+    # any config field as FIELD=VALUE: --set memory_size=128 is --config.memory-size 128 (the older
     # spelling, which the commands recorded with shipped results use); applied last
     set: Annotated[list[str], tyro.conf.UseAppendAction, flag(top=True, metavar="FIELD=VALUE")] = field(
         default_factory=list)
