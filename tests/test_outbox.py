@@ -15,6 +15,7 @@ The study-level checks (a server killed and restarted mid-study) are in test_tra
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import uuid
@@ -159,13 +160,13 @@ def finished_study(uri: str, budget_s: float) -> tuple[runner.Study, list[Result
                     checkpoint=None, error=None, path="/tmp/t0")
     context = runner.TrialContext(name, experiment, parent, uri, base_config={"preset": "tiny", "epochs": 2},
                                   outage_budget_s=budget_s)
-    return runner.Study(name, parent, experiment, uri, [], context), [result], trial_run
+    return runner.Study(context), [result], trial_run
 
 
 def test_the_driver_waits_for_the_server_to_close_the_runs(mlflow_server, gate, capsys, monkeypatch):
     monkeypatch.setattr(outbox, "RETRY_EVERY_S", 0.5)  # the driver's Server takes the module's pace
     study, results, trial_run = finished_study(mlflow_server, budget_s=60)
-    study.tracking_uri = gate.uri
+    study.context = dataclasses.replace(study.context, tracking_uri=gate.uri)  # the driver goes through the gate
     gate.shut()
     threading.Timer(2.0, gate.open).start()
     assert runner.finish_study(study, results) == 0
@@ -184,7 +185,7 @@ def test_past_its_budget_the_driver_says_so_and_leaves_the_runs_for_resume(mlflo
                                                                             monkeypatch):
     monkeypatch.setattr(outbox, "RETRY_EVERY_S", 0.5)
     study, results, trial_run = finished_study(mlflow_server, budget_s=1)
-    study.tracking_uri = gate.uri
+    study.context = dataclasses.replace(study.context, tracking_uri=gate.uri)  # the driver goes through the gate
     gate.shut()
     assert runner.finish_study(study, results) == 1
     client = MlflowClient(mlflow_server)

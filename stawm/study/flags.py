@@ -10,7 +10,6 @@ line on stderr and exit status 2, before Ray starts or anything is written.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import os
@@ -32,14 +31,6 @@ from . import preflight
 from .outbox import BUDGET_ENV, DEFAULT_BUDGET_S, budget_from_env
 
 QUICK = dict(preset="tiny", seeds=2, epochs=1, dataset="mnist-sample")  # a few minutes on 2 CPU cores
-
-
-def positive_int(text: str) -> int:
-    """An argparse type (for a command of one's own); the studies' flags use `stawm.flags.PositiveInt`."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def gpu_share_flag(text: str) -> float | str:

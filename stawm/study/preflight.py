@@ -6,7 +6,7 @@ the path or URI, the cause, and what to do.
 
     check_outside_job_folder({"--storage": ..., ...})         # not in `ray job submit`'s temporary copy
     storage = check_storage(args.storage)                    # for tune.RunConfig(storage_path=...)
-    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri()  # stawm.flags')
+    tracking_uri = check_tracking_uri(args.tracking_uri or stawm.flags.default_tracking_uri())
     check_for_cluster(storage, tracking_uri, cluster="...")  # once Ray is up: several nodes need shared ones
 
 Environment:

@@ -37,24 +37,38 @@ from ray import tune
 from .. import provenance, schema, store_uri
 from ..train import CHECKPOINT
 from . import cluster, gpu_share, outbox, preflight, tracking
-from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, positive_int, seed_space, seeds, variant
+from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, seed_space, seeds, variant
 from .context import TrialContext
 from .trial import member_seeds, trainable, trial_config
 from .tune_checkpoints import checkpoint_uri, read_state
 
 __all__ = ["Study", "StudyArgs", "TrialContext", "best_configs", "check_grid", "checkpoint_file", "finish_study",
-           "parse_args", "positive_int", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
+           "parse_args", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
            "trainable", "tune_config", "variant"]
 
 
 @dataclass
 class Study:
-    name: str  # MLflow experiment and the parent run's STUDY tag
-    parent_run_id: str
-    experiment_id: str
-    tracking_uri: str
-    swept: list[str]
-    context: TrialContext  # what every trial gets besides its search values (tune.with_parameters)
+    """A started study: what every trial gets besides its search values (tune.with_parameters), which also
+    names the study's experiment, parent run and store."""
+
+    context: TrialContext
+
+    @property
+    def name(self) -> str:  # MLflow experiment and the parent run's STUDY tag
+        return self.context.study
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.context.parent_run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self.context.experiment_id
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.context.tracking_uri
 
 
 def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, fixed: dict | None = None) -> Study:
@@ -98,7 +112,7 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, f
         outage_budget_s=args.tracking_outage_budget, git_commit=commit, git_dirty=dirty, source=source,
         data_root=args.data_root, device=args.device, gpu_fraction=float(args.gpus_per_trial),
         gpu_overhead_mb=args.gpu_choice.get("probe_overhead_mb", 0.0), fuse_seeds=args.fuse_seeds)
-    return Study(name, parent, experiment_id, args.tracking_uri, list(swept), context)
+    return Study(context)
 
 
 # --- Tune pieces ---------------------------------------------------------------------------------
@@ -253,7 +267,7 @@ def _summary_line(result, study: Study, trial_id: str) -> str:
     # with several seeds (fused), Tune's numbers are their means (`recorder.tune_report`)
     config = {**study.context.base_config, **result.config, **result.config.get("variant", {}),
               "seed": ",".join(map(str, member_seeds(result.config, study.context)))}
-    shown = tracking.run_name(config, study.swept)
+    shown = tracking.run_name(config, list(study.context.swept))
     if result.error is not None:
         return f"{trial_id}  {shown}  ERROR: {str(result.error).strip().splitlines()[-1]}"
     m = result.metrics
