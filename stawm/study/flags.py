@@ -105,6 +105,10 @@ class StudyArgs:
     config: tyro.conf.Suppress[dict] = field(default_factory=dict)  # the validated flat base config: preset + changes
     # --gpus-per-trial auto: what start_study chose, and from what
     gpu_choice: tyro.conf.Suppress[dict] = field(default_factory=dict)
+    # the first seed this launch trains: 0, or the study's old --seeds when --resume adds seeds (start_study)
+    first_seed: tyro.conf.Suppress[int] = 0
+    # the Ray experiment this launch runs in: the study's name, or NAME-seedsA-B for seeds added to it
+    tune_name: tyro.conf.Suppress[str] = ""
 
     def flags(self) -> dict:
         """Every flag's value by its field's name, the study's own too; a --config.FIELD given as `config.FIELD`
@@ -193,8 +197,9 @@ def variant(args: StudyArgs, preset_name: str | None = None, **fields) -> dict:
 
 
 def seeds(args: StudyArgs) -> list[int]:
-    """The seeds of the study, listed explicitly: 0..seeds-1."""
-    return list(range(args.seeds))
+    """The seeds this launch trains, listed explicitly: 0..seeds-1, or only the seeds added to a finished
+    study (`first_seed`..seeds-1, set by start_study when --resume raises --seeds)."""
+    return list(range(args.first_seed, args.seeds))
 
 
 def seed_space(args: StudyArgs) -> dict:
@@ -209,5 +214,5 @@ def fail(message: str) -> NoReturn:
 
 
 def experiment_path(args: StudyArgs, name: str | None = None) -> str:
-    """Where Ray Tune keeps the study `name` (default: the study's own): storage/NAME."""
-    return f"{args.storage.rstrip('/')}/{name or args.name}"
+    """Where Ray Tune keeps the study `name` (default: this launch's Ray experiment): storage/NAME."""
+    return f"{args.storage.rstrip('/')}/{name or args.tune_name or args.name}"

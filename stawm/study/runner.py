@@ -32,11 +32,12 @@ from pathlib import Path
 
 import ray
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from ray import tune
 
 from .. import provenance, schema, store_uri
 from ..train import CHECKPOINT
-from . import cluster, gpu_share, outbox, preflight, tracking
+from . import cluster, gpu_share, outbox, preflight, resume, tracking
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, seed_space, seeds, variant
 from .context import TrialContext
 from .trial import member_seeds, trainable, trial_config
@@ -78,20 +79,20 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, f
     top of the flags' base config (not searched, so not in its param_space)."""
     name = name or args.name
     outbox.bound_client_retries()  # before Ray starts: local trials inherit it
+    client = MlflowClient(args.tracking_uri)
+    found, added_seeds = _resumed_study(args, client, swept, name) if args.resume else (None, {})
     if not ray.is_initialized():
         env = {"MLFLOW_TRACKING_URI": args.tracking_uri,
                # trials import stawm: from this checkout when it is not installed on the nodes
                "PYTHONPATH": os.pathsep.join(p for p in (str(provenance.PROJECT_ROOT), os.environ.get("PYTHONPATH"))
                                              if p)}
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
-    client = MlflowClient(args.tracking_uri)
     try:  # the checks that need Ray up: the cluster's shape, its GPUs; and the store's artifacts
         shape = cluster.shape()
         if shape.multi_node:
             preflight.check_for_cluster(args.storage, args.tracking_uri, shape.describe())
         experiment_id = tracking.experiment(client, name, args.tracking_uri)
         tracking.check_artifacts(client, experiment_id)
-        found = tracking.find_study_run(client, experiment_id, name) if args.resume else None
         if args.gpus_per_trial == "auto" or args.gpu_choice:
             gpu_share.choose(args, found.data.params if found is not None else {}, seeds(args), shape)
     except preflight.PreflightError as err:
@@ -106,6 +107,10 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, f
                                            commit, dirty)
     else:
         parent = tracking.reopen_study_run(client, found)
+        if added_seeds:
+            client.log_batch(parent, tags=[RunTag(k, v) for k, v in added_seeds.items()])
+            print(f"study {name!r}: adding seeds {args.first_seed}..{args.seeds - 1} to every configuration, "
+                  f"in the Ray experiment {experiment_path(args)}", flush=True)
     context = TrialContext(
         study=name, experiment_id=experiment_id, parent_run_id=parent, tracking_uri=args.tracking_uri,
         base_config={**args.config, **(fixed or {})}, swept=tuple(s for s in swept if s != "seed"),
@@ -113,6 +118,29 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, f
         data_root=args.data_root, device=args.device, gpu_fraction=float(args.gpus_per_trial),
         gpu_overhead_mb=args.gpu_choice.get("probe_overhead_mb", 0.0), fuse_seeds=args.fuse_seeds)
     return Study(context)
+
+
+def _resumed_study(args: StudyArgs, client: MlflowClient, swept: list[str], name: str) -> tuple:
+    """--resume, checked before Ray starts: the study's parent run (None when only Ray's storage holds it) and the
+    parent tags to write when seeds are added (`resume`). Exits 2 for a study that exists nowhere (a misspelt
+    --name would otherwise start a whole new one), flags that change what it computes, or fewer seeds."""
+    experiment = client.get_experiment_by_name(name)
+    found = tracking.find_study_run(client, experiment.experiment_id, name) if experiment is not None else None
+    try:
+        if found is None:
+            if not tune.Tuner.can_restore(experiment_path(args)):
+                raise resume.ResumeRefused(
+                    f"--resume: no study named {name!r} in {provenance.redact(args.tracking_uri)} or "
+                    f"{experiment_path(args)}; check --name, --tracking-uri and --storage")
+            return None, {}  # a Ray experiment whose parent run is gone: Tune's saved state decides
+        changed = resume.changed_flags(found.data.params, tracking.study_params(args, swept))
+        if changed:
+            raise resume.ResumeRefused(
+                f"--resume would change what study {name!r} computes ({'; '.join(changed)}): resume with the flags "
+                "it started with, or start a new study under another --name")
+        return found, resume.plan_seeds(args, name, found.data.tags, found.data.params)
+    except resume.ResumeRefused as err:
+        fail(str(err))
 
 
 # --- Tune pieces ---------------------------------------------------------------------------------
@@ -137,7 +165,7 @@ def run_config(args: StudyArgs, name: str | None = None) -> tune.RunConfig:
     trial continues from the newest complete one (why: `stawm.tune_checkpoints`).
     """
     return tune.RunConfig(
-        name=name or args.name,
+        name=name or args.tune_name or args.name,
         storage_path=args.storage,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -252,15 +280,19 @@ def _outage_line(results: list, driver: outbox.Server) -> str:
 
 
 def _close_left_running(client: MlflowClient, study: Study, trial_id: str, result) -> None:
-    """The trial's runs left RUNNING, ended from its last checkpoint's runner state."""
+    """The trial's runs left RUNNING, ended from its last checkpoint's runner state. A trial that ended before its
+    last epoch because every member stopped on its own (stuck or diverged: `recorder.member_epoch`) was not
+    stopped by a scheduler, so it is not marked stopped early."""
     state = {}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             state = read_state(Path(folder))
-    stopped_early = result.error is None and state.get("epoch", 0) < trial_config(result.config, study.context).epochs
-    tracking.close_left_running(client, study.experiment_id, study.parent_run_id, trial_id,
-                                state.get("members", []), failed=result.error is not None,
-                                stopped_early=stopped_early)
+    members = state.get("members", [])
+    ended_itself = bool(members) and all(member.get("stopped") for member in members)
+    stopped_early = (result.error is None and not ended_itself
+                     and state.get("epoch", 0) < trial_config(result.config, study.context).epochs)
+    tracking.close_left_running(client, study.experiment_id, study.parent_run_id, trial_id, members,
+                                failed=result.error is not None, stopped_early=stopped_early)
 
 
 def _summary_line(result, study: Study, trial_id: str) -> str:
