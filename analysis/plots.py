@@ -2,10 +2,10 @@
 
 Every figure is drawn from runs (the shape in store.py) or metric histories and returned as a
 matplotlib Figure (no pyplot state: the report and the notebooks save or display it). Each title
-says what its bars or band are and over how many seeds. Swept values sit on categorical axes, so
-the ticks are exactly the values a study ran (numeric axes, log for rates over decades, with ticks
-at the values, only where a scale is needed: the stability map's δ = 1 and η = δ lines). Error bars
-and bands are seaborn's (`errorbar="sd"`: pandas' std, ddof=1, the same as `stats.aggregate`).
+says what its bars or band are and over how many seeds. The ablations' swept values sit on categorical
+axes (the title says so), so the ticks are exactly the values a study ran; the memory-rate figures put
+the rates at numeric positions (stability_plots.py). Error bars and bands are the mean's 95% Student t
+interval (`uncertainty.t_errorbar`, given to seaborn as its `errorbar`: the same interval as the tables).
 How they look (style, palettes, titles, axes) is in style.py.
 """
 
@@ -22,7 +22,8 @@ from stawm import schema
 from . import style
 from .files import write_whole
 from .stats import aggregate, included, rate_fields
-from .tables import cell_text, spread_phrase
+from .tables import cell_text, interval_phrase
+from .uncertainty import t_errorbar
 
 if TYPE_CHECKING:  # matplotlib and seaborn are imported where used: `import` of the package stays quick
     from matplotlib.axes import Axes
@@ -43,9 +44,9 @@ def ablation_fields() -> tuple[str, ...]:
 
 def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_expected: int | None = None,
                   exclude_flagged: bool = False, hue: str | None = None, *, ax: Axes | None = None) -> Figure:
-    """`metric` against config field `x`: mean ± std (ddof=1) over seeds, with every seed's point.
+    """`metric` against config field `x`: the mean over seeds with its 95% t interval, with every seed's point.
 
-    `x` is categorical, one tick per value the runs have. `hue` (another swept field) draws one
+    `x` is categorical (the title says so), one tick per value the runs have. `hue` (another swept field) draws one
     series per value, side by side, so that different configurations are not pooled. Flagged runs
     count like any other (the title says how many) unless `exclude_flagged`, which draws them as
     crosses left out of the statistics; a configuration short of
@@ -81,22 +82,22 @@ def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_e
     if left_out.any():
         handles.append(Line2D([], [], marker="X", linestyle="none", color=FLAGGED, label="flagged (left out)"))
     handles += [Line2D([], [], marker="s", color=colors[j] if hue else "black",
-                       label=f"{hue}={level}" if hue else "mean ± std (ddof=1)") for j, level in enumerate(levels)]
+                       label=f"{hue}={level}" if hue else "mean [95% t interval]") for j, level in enumerate(levels)]
     ax.legend(handles=handles, fontsize=7)
-    spread = spread_phrase(agg, "n=k/N where fewer")
+    spread = interval_phrase(agg, "n=k/N where fewer", formula=False)
     if seeds_expected is not None and not agg["complete"].all():
         spread += " (n=k/N where fewer)"
     flagged = int(runs["flagged"].astype(bool).sum())
     counted = (f"; {flagged} flagged runs left out (crosses)" if exclude_flagged and flagged else
                f"; {flagged} of {len(runs)} runs flagged, all counted" if flagged else "")
-    style.title(ax, f"{label} against {x}\n{spread}; dots: seeds{counted}")
+    style.title(ax, f"{label} against {x} (categorical axis: the values run)\n{spread}; dots: seeds{counted}")
     return style.finish(fig) if own else fig
 
 
 def _seeds_and_means(fig, ax, used: pd.DataFrame, left_out: pd.DataFrame, order: list[str],
                      levels: list[str] | None, colors: list) -> None:
     """Seaborn's three layers of an ablation: a swarm of the seeds (set aside, right of their mean),
-    crosses for the flagged runs left out, and the mean ± std (ddof=1) of the seeds on top."""
+    crosses for the flagged runs left out, and the mean of the seeds with its 95% t interval on top."""
     import seaborn as sns
     from matplotlib.transforms import ScaledTranslation
 
@@ -120,11 +121,11 @@ def _seeds_and_means(fig, ax, used: pd.DataFrame, left_out: pd.DataFrame, order:
         lines = len(ax.lines)
         if levels is not None:  # seaborn's dodge for points spans the centres of its dodged swarms
             paint = dict(paint, dodge=DODGE * (len(levels) - 1) / len(levels))
-        sns.pointplot(data=used, errorbar="sd", markers="s", markersize=5, linestyle="none", capsize=0.08,
+        sns.pointplot(data=used, errorbar=t_errorbar, markers="s", markersize=5, linestyle="none", capsize=0.08,
                       zorder=4, err_kws=dict(linewidth=1.2),
                       **{**where, **(paint if levels is not None else dict(color="black"))})
-        for line in ax.lines[lines:]:  # with a marker: the means; bare segments: the ± std bars
-            line.set_gid("mean" if line.get_marker() not in (None, "None", "") else "std")
+        for line in ax.lines[lines:]:  # with a marker: the means; bare segments: the interval bars
+            line.set_gid("mean" if line.get_marker() not in (None, "None", "") else "interval")
 
 
 def _label_short(ax, agg: pd.DataFrame, x: str, hue: str | None, order: list[str], levels: list,
@@ -164,7 +165,7 @@ def ablation_figures(runs: pd.DataFrame, fields: Sequence[str], metric: str | No
 
 def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.DataFrame | None = None,
                 exclude_flagged: bool = False) -> Figure:
-    """Mean curve over seeds with a ±std (ddof=1) band (bars for a single epoch), one per configuration.
+    """Mean curve over seeds with its 95% t interval as a band (bars for a single epoch), one per configuration.
 
     `by` names runs columns (config fields) that tell configurations apart: the first sets the
     colour, a second the line style, three or more one colour per combination. `runs` supplies
@@ -193,7 +194,7 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
     if len(data):
         order = {role: style.ordered_text(history.sort_values(by)[name] if name in by else data[name])
                  for role, name in roles.items()}
-        sns.lineplot(data=data, x="step", y="y", errorbar="sd", ax=ax,
+        sns.lineplot(data=data, x="step", y="y", errorbar=t_errorbar, ax=ax,
                      err_style="bars" if data["step"].nunique() < 2 else "band",
                      **{role: name for role, name in roles.items()},
                      **{f"{role}_order": o for role, o in order.items()},
@@ -209,7 +210,7 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
     ax.set_ylabel(label)
     left = "; flagged runs left out" if exclude_flagged and runs is not None else ""
     style.title(ax, (f"{label}: 1 seed per line{left}" if seeds == "1"  # a line per run: no spread to show
-                     else f"{label}: mean ± std (ddof=1) over {seeds} seeds per line{left}"))
+                     else f"{label}: mean [95% t interval] over {seeds} seeds per line{left}"))
     if ax.get_legend() is not None:  # seaborn's, titled by the field(s): smaller, not rebuilt
         sns.move_legend(ax, "best", fontsize=7, title_fontsize=7)
     return style.finish(fig)

@@ -4,17 +4,24 @@
     stawm-report --from analysis/results/NAME --out DIR      # from shipped results (export.py), no MLflow
 
 writes into DIR:
-- table.md, table.tex: test error per configuration, mean ± std (ddof=1) over seeds, beside the
-  paper's Table 1 when the study varies only what Table 1 varies (preset, task, glimpse_size,
-  glimpses) or nothing but the seed;
-- summary.csv: one row per configuration: the swept fields, n, test_error_mean, test_error_std
-  (fractions as logged, ddof=1), flagged, complete; runs.csv: one row per trial;
-- ablation_<field>.png/.svg for each swept field; curves_test_error.png/.svg (mean ± std band);
-- for memory-rate studies: predictions.md/.csv (for each Appendix A condition, its source and, for each
-  measured outcome, the 2x2 counts with precision and recall; the rules in analysis/outcomes.py),
-  condition_map and outcome_map, error_heatmaps (linear per theta, the `degraded` threshold marked),
-  error_by_rate, memory_state (read-outs at 0 and at Lambda, max |W|), and rate_trajectories when some
-  runs learned their rates (.png/.svg each);
+- table.md, table.tex: test error per configuration, mean [95% Student t interval] over seeds, std (ddof=1)
+  and n, beside the paper's Table 1 when the study varies only what Table 1 varies (preset, task,
+  glimpse_size, glimpses) or nothing but the seed;
+- summary.csv: one row per configuration: the swept fields, n, test_error_mean, test_error_t95_low,
+  test_error_t95_high, test_error_std (fractions as logged, ddof=1), flagged, complete; runs.csv: one row per trial;
+- comparisons.md/.csv, where one applies: trends as Spearman's rho [95% Fisher-z interval] with p (error
+  against N, S_g, or delta among theta > 0 runs), and differences of means [95% Welch interval] with Welch's
+  p and both n's (the best N or S_g against the paper's, delta > 1 against delta <= 0.2 among theta > 0 runs,
+  learnable against fixed rates), every run of a group counted, left-out runs counted with why;
+- ablation_<field>.png/.svg for each swept field; curves_test_error.png/.svg (mean, 95% t interval band);
+- predictions.md/.csv (for each condition, its category and source and, for each measured outcome, the 2x2
+  counts with precision and recall; the rules in analysis/outcomes.py); degraded_sweep.csv and
+  degraded_sweep.png/.svg (the `degraded` factor swept: runs degraded, all and among those that trained, and
+  each condition's precision and recall), where the study has runs at the paper's configuration;
+- for memory-rate studies: condition_map and outcome_map (learned rates at their final values, arrows from
+  the start), error_heatmaps (linear per theta, the `degraded` threshold marked), error_by_rate, memory_state
+  (read-outs at 0 and at Lambda, max |W|: medians and quartiles), and rate_trajectories when some runs
+  learned their rates (.png/.svg each);
 every mean counts every run, flagged ones included, unless --exclude-flagged (the captions say which);
 then logs them under "report/" as artifacts of the study's parent run (not from shipped results).
 Swept fields are the parent's swept param, else the config fields that vary across trials.
@@ -54,10 +61,11 @@ class ReportArgs:
     metric: Annotated[Optional[str], flag(unset="the test error")] = None
     # seeds each configuration should have
     seeds: Annotated[Optional[int], flag(unset="the parent run's seeds param")] = None
-    # leave runs that broke an Appendix A condition out of the means (else every run counts; the flagged column
+    # leave runs that failed a flagging condition out of the means (else every run counts; the flagged column
     # counts them either way, and the captions say which was used)
     exclude_flagged: bool = False
-    # a run is `degraded` when its final error is at least X times the study's paper-rate configuration's mean
+    # a run is `degraded` when its final error is at least X times the mean of the study's runs at the paper's
+    # configuration (the report also sweeps X over outcomes.py's DEGRADED_FACTORS)
     degraded_factor: Annotated[Optional[float], flag(metavar="X", unset="outcomes.py's DEGRADED_FACTOR")] = None
     # configuration the table's Welch t-test p-values compare against, e.g. learnable_rates=False
     baseline: Annotated[Optional[str], flag(metavar="FIELD=VALUE[,FIELD=VALUE]", unset="none")] = None
@@ -106,7 +114,7 @@ def build_report(args: ReportArgs, baseline: dict | None) -> tuple[dict, str | N
     from stawm import schema
     from stawm.config import field_types
 
-    from . import outcomes, plots, recheck, source, stability_plots, stats, store, tables
+    from . import comparisons, outcomes, plots, recheck, source, stability_plots, stats, store, tables
 
     study = source.open_study(args.study, args.tracking_uri, results=args.results, cache_dir=args.cache_dir)
     runs, info = study.runs, study.info
@@ -141,19 +149,31 @@ def build_report(args: ReportArgs, baseline: dict | None) -> tuple[dict, str | N
              "summary.csv": tables.summary(stats.aggregate(runs, swept, metric, seeds, args.exclude_flagged)),
              "runs.csv": runs[list(dict.fromkeys(c for c in columns if c in runs))]}
 
+    compared = comparisons.study_comparisons(runs, swept, metric)
+    if len(compared):
+        files["comparisons.csv"] = compared
+        files["comparisons.md"] = comparisons.format_comparisons(compared)
+
     figures = plots.ablation_figures(runs, swept, metric, seeds, args.exclude_flagged, swept=swept)
     if not args.no_curves:
         history = study.history([metric])
         if len(history):
             figures[f"curves_{metric}"] = plots.plot_curves(history, swept, runs, args.exclude_flagged)
+    rate_history = study.history(schema.RATE_METRICS)
+    runs = recheck.with_rate_divergence(runs, rate_history)  # a non-finite learned rate: diverged, an outcome
+    factor = outcomes.DEGRADED_FACTOR if args.degraded_factor is None else args.degraded_factor
+    measured = outcomes.measure(runs, factor, metric=metric)
+    first = recheck.condition_epochs(runs, study.stability(), rate_history)
+    flagged = runs.set_index("run_id")["flagged"]
+    predictions = outcomes.prediction_table(first, measured, flagged)
+    reference = outcomes.paper_reference(runs, metric)
+    files["predictions.csv"] = predictions
+    files["predictions.md"] = tables.format_predictions(predictions, outcomes.rules(runs, factor, reference))
+    sweep = outcomes.degraded_sweep(runs, first, outcomes.DEGRADED_FACTORS, flagged, metric=metric)
+    if len(sweep):
+        files["degraded_sweep.csv"] = sweep
+        figures["degraded_sweep"] = stability_plots.plot_degraded_sweep(sweep)
     if set(swept) & set(stats.rate_fields()):
-        factor = outcomes.DEGRADED_FACTOR if args.degraded_factor is None else args.degraded_factor
-        measured = outcomes.measure(runs, factor, metric=metric)
-        first = recheck.condition_epochs(runs, study.stability(), study.history(schema.RATE_METRICS))
-        predictions = outcomes.prediction_table(first, measured, runs.set_index("run_id")["flagged"])
-        reference = outcomes.paper_reference(runs, metric)
-        files["predictions.csv"] = predictions
-        files["predictions.md"] = tables.format_predictions(predictions, outcomes.rules(runs, factor, reference))
         figures["condition_map"] = stability_plots.plot_condition_map(runs)
         figures["outcome_map"] = stability_plots.plot_outcome_map(runs, measured)
         figures["error_heatmaps"] = stability_plots.plot_error_heatmaps(
@@ -163,8 +183,7 @@ def build_report(args: ReportArgs, baseline: dict | None) -> tuple[dict, str | N
             figures["memory_state"] = stability_plots.plot_memory_state(runs)
         trained = stats.learnable(runs)
         if len(trained):
-            rates = study.history(schema.RATE_METRICS)
-            rates = rates[rates["run_id"].isin(trained["run_id"])]
+            rates = rate_history[rate_history["run_id"].isin(trained["run_id"])]
             if len(rates):
                 figures["rate_trajectories"] = stability_plots.plot_rate_trajectories(rates, runs, measured)
     files.update(figures)

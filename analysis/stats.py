@@ -1,9 +1,10 @@
 """Statistics over seeds: pure functions from runs (the shape in store.py) to small tables.
 
-`aggregate` is the one grouping every table and plot shows: one row per configuration, mean and
-std (ddof=1) over its seeds, every run counted (flagged ones too, unless asked otherwise). What
-happened to each run and how the Appendix A conditions predicted it: outcomes.py. Intervals and
-tests are in uncertainty.py; nothing here reads MLflow or draws.
+`aggregate` is the one grouping every table and plot shows: one row per configuration, the mean with its
+95% Student t interval, the std (ddof=1) and n over its seeds, every run counted (flagged ones too, unless
+asked otherwise). What happened to each run and how the conditions predicted it: outcomes.py. Intervals and
+tests are in uncertainty.py; comparisons between groups and trends in comparisons.py; nothing here reads
+MLflow or draws.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from stawm import schema
 from stawm.config import field_types
 
 from .store import varying_fields
-from .uncertainty import bootstrap_ci, finite, sem
+from .uncertainty import CONFIDENCE, bootstrap_ci, finite, sem, t_interval
 
-STAT_COLUMNS = ["n", "mean", "std", "sem", "min", "max", "flagged", "unfinished", "complete",
-                "seeds_used", "values"]
+STAT_COLUMNS = ["n", "mean", "t_low", "t_high", "std", "sem", "min", "max", "flagged", "unfinished", "complete",
+                "seeds_used", "values", "bootstrap_low", "bootstrap_high"]
 
 
 def rate_fields() -> tuple[str, ...]:
@@ -51,16 +52,18 @@ def included(runs: pd.DataFrame, exclude_flagged: bool = False, include_unfinish
 
 def aggregate(runs: pd.DataFrame, by: Sequence[str] | None = None, metric: str | None = None,
               seeds_expected: int | None = None, exclude_flagged: bool = False,
-              include_unfinished: bool = False, ci: float | None = None) -> pd.DataFrame:
+              include_unfinished: bool = False, bootstrap: float | None = None) -> pd.DataFrame:
     """One row per configuration (the runs grouped by the `by` fields, i.e. without the seed).
 
     `by=None` groups by every varying config field; `metric` defaults to the test error. Columns:
-    the `by` fields, then `n` (runs in the statistics with a finite metric), `mean`, `std`
-    (ddof=1, NaN for n=1), `sem`, `min`, `max`, `flagged` (flagged runs in the group, whether
+    the `by` fields, then `n` (runs in the statistics with a finite metric), `mean`, `t_low`, `t_high`
+    (its 95% Student t interval, uncertainty.t_interval; NaN for n=1), `std` (ddof=1, NaN for n=1),
+    `sem`, `min`, `max`, `flagged` (flagged runs in the group, whether
     or not they are in the statistics), `unfinished` (runs not FINISHED, left out unless `include_unfinished`),
     `complete` (n >= seeds_expected; when `seeds_expected` is None, n equals the largest n of any
-    group), `seeds_used` and `values` (the seeds and metric values used, by seed), and with `ci` (e.g.
-    0.95) `ci_low`, `ci_high` of a bootstrap of the mean. Flagged runs count in the statistics
+    group), `seeds_used` and `values` (the seeds and metric values used, by seed), and with `bootstrap`
+    (a confidence, e.g. 0.95) `bootstrap_low`, `bootstrap_high`, a percentile bootstrap of the mean (for
+    groups of many runs; not what the tables show). Flagged runs count in the statistics
     unless `exclude_flagged`. Settings are kept in `.attrs` (metric, by, seeds_expected,
     exclude_flagged) for the tables.
     """
@@ -79,13 +82,14 @@ def aggregate(runs: pd.DataFrame, by: Sequence[str] | None = None, metric: str |
         values = used[metric].to_numpy(dtype=float)
         mean, std = mean_std(values)
         row = dict(zip(by, key))
-        row.update(n=len(values), mean=mean, std=std, sem=sem(values),
+        t_low, t_high = t_interval(values, CONFIDENCE)
+        row.update(n=len(values), mean=mean, t_low=t_low, t_high=t_high, std=std, sem=sem(values),
                    min=float(values.min()) if len(values) else math.nan,
                    max=float(values.max()) if len(values) else math.nan,
                    flagged=int(group["flagged"].sum()), unfinished=int((group["status"] != "FINISHED").sum()),
                    seeds_used=tuple(int(s) for s in used["seed"]), values=tuple(float(v) for v in values))
-        if ci is not None:
-            row["ci_low"], row["ci_high"] = bootstrap_ci(values, confidence=ci)
+        if bootstrap is not None:
+            row["bootstrap_low"], row["bootstrap_high"] = bootstrap_ci(values, confidence=bootstrap)
         rows.append(row)
     if mixed:
         warnings.warn(f"runs grouped together differ in {sorted(mixed)}: add them to `by` "
@@ -93,7 +97,8 @@ def aggregate(runs: pd.DataFrame, by: Sequence[str] | None = None, metric: str |
     agg = pd.DataFrame(rows)
     target = seeds_expected if seeds_expected is not None else agg["n"].max()
     agg.insert(agg.columns.get_loc("unfinished") + 1, "complete", agg["n"] >= target)
-    agg.attrs.update(metric=metric, by=by, seeds_expected=seeds_expected, exclude_flagged=exclude_flagged)
+    agg.attrs.update(metric=metric, by=by, seeds_expected=seeds_expected, exclude_flagged=exclude_flagged,
+                     confidence=CONFIDENCE)
     return agg
 
 

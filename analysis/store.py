@@ -169,7 +169,8 @@ def study_info(study: str, tracking_uri: str) -> StudyInfo:
         warnings.warn(f"study {study!r} has {len(parents)} parent runs (launched again, not resumed); "
                       f"describing the latest", stacklevel=2)
     params = dict(parents[0].data.params)
-    seeds = schema.parse_value(schema.SEEDS, params[schema.SEEDS], int) if params.get(schema.SEEDS) else None
+    held = parents[0].data.tags.get(schema.SEEDS_NOW) or params.get(schema.SEEDS)  # the tag once seeds were added
+    seeds = schema.parse_value(schema.SEEDS, held, int) if held else None
     swept = None
     if schema.SWEPT in params:
         swept = [s.strip() for s in params[schema.SWEPT].split(",") if s.strip() and s.strip() != "seed"]

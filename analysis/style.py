@@ -43,14 +43,16 @@ def condition_colors(names) -> dict:
     return {name: ("0.6" if name == "none" else c[i % len(c)]) for i, name in enumerate(names)}
 
 
-def figure(ncols: int = 1, width: float = 4.8, height: float = 3.6, sharey: bool = False):
-    """A figure of `ncols` panels side by side in seaborn's whitegrid style: (fig, axes)."""
+def figure(ncols: int = 1, width: float = 4.8, height: float = 3.6, sharey: bool = False, ratios=None):
+    """A figure of `ncols` panels side by side in seaborn's whitegrid style: (fig, axes); `ratios` (one number
+    per panel) widens some panels, `width` being the mean panel's width."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height))  # laid out once by finish(): no layout engine rerun per save
     with sns.axes_style("whitegrid"):
-        axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
+        axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False,
+                            gridspec_kw=dict(width_ratios=ratios) if ratios else None)[0]
     return fig, axes
 
 
@@ -106,20 +108,44 @@ def log_scale(values) -> bool:
     return len(v) > 1 and (v > 0).all() and v.max() / v.min() >= 20
 
 
-def value_axis(ax, which: str, values) -> tuple[float, float]:
-    """A numeric axis with ticks exactly at the distinct values (log when they span 20x or more);
-    returns the limits set."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+def symlog_scale(values) -> float | None:
+    """The linear threshold of a symlog axis for values that span decades but include 0 or negatives (a rate
+    of 0, a learned delta below 0): the smallest positive |value|; None when a plain or log axis will do."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    positive = np.abs(v[v != 0])
+    if len(v) < 2 or (v > 0).all() or len(positive) == 0 or positive.max() / positive.min() < 20:
+        return None
+    return float(positive.min())
+
+
+def value_axis(ax, which: str, values, extent=()) -> tuple[float, float]:
+    """A numeric axis with ticks exactly at the distinct `values` (log when they span 20x or more; symlog,
+    linear below the smallest positive value, when they also hold 0 or negatives); `extent` (e.g. learned
+    rates) widens the limits without ticks of its own. Returns the limits set."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
     v = np.unique(np.asarray(values, dtype=float))
-    if log_scale(v):
+    every = np.concatenate([v, np.asarray([x for x in extent if np.isfinite(x)], dtype=float)])
+    threshold = symlog_scale(every)
+    if log_scale(every):
         getattr(ax, f"set_{which}scale")("log")
-        lo, hi = v.min() / 1.6, v.max() * 1.6
+        lo, hi = every.min() / 1.6, every.max() * 1.6
+    elif threshold is not None:
+        getattr(ax, f"set_{which}scale")("symlog", linthresh=threshold, linscale=0.5)
+        lo = every.min() * 1.6 if every.min() < 0 else -threshold / 2
+        hi = every.max() * 1.6
     else:
-        pad = 0.15 * (v.max() - v.min()) or 0.25 * abs(v[0]) or 0.5
-        lo, hi = v.min() - pad, v.max() + pad
+        pad = 0.15 * (every.max() - every.min()) or 0.25 * abs(every[0]) or 0.5
+        lo, hi = every.min() - pad, every.max() + pad
     axis = getattr(ax, f"{which}axis")
-    axis.set_major_locator(FixedLocator(v))
+    extra = np.setdiff1d(every, v)  # values beyond those run (learned ones)
+    few = len(v) < 3 and len(extra) > 0 and threshold is None and not log_scale(every)
+    # one or two values run, and learned ones around them: plain ticks, so that the learned ones can be read
+    ticks = v
+    if threshold is not None and len(extra):  # learned values crossed 0: mark 0, and a round negative if any
+        ticks = np.union1d(v, [0.0] + ([-10 ** np.round(np.log10(-every.min()))] if every.min() < 0 else []))
+    axis.set_major_locator(MaxNLocator(5) if few else FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
     axis.set_minor_locator(NullLocator())  # no unlabelled lines between the values a study ran
     getattr(ax, f"set_{which}lim")(lo, hi)

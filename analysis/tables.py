@@ -1,7 +1,9 @@
 """Tables in the paper's style: Markdown, LaTeX and CSV of an `aggregate` table, and Table 1.
 
 The paper's own numbers (Table 1, MNIST test error) are kept here as `Published` rows, so a
-reproduced row stands beside the value it reproduces. Every caption says what its ± is.
+reproduced row stands beside the value it reproduces. A reproduced cell is "mean [95% t interval]"
+(Student's t over the seeds: uncertainty.t_interval), with the std (ddof=1) in a column of its own, as
+the paper's "± std" is; every caption says so.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pandas as pd
 from stawm import schema
 
 from .stats import STAT_COLUMNS, aggregate
-from .uncertainty import welch_p
+from .uncertainty import CONFIDENCE, welch_p
 
 
 @dataclass(frozen=True)
@@ -90,27 +92,42 @@ def seeds_phrase(n: int) -> str:
     return "1 seed" if n == 1 else f"{n} seeds"
 
 
-def spread_phrase(agg: pd.DataFrame, where_fewer: str = "column n") -> str:
-    """What the ± of an `aggregate` table is, e.g. "mean ± std (ddof=1) over 5 seeds"; when the
+def interval_name(confidence: float = CONFIDENCE) -> str:
+    """"95% t interval": the name every caption and header gives Student's t interval of a mean."""
+    return f"{100 * confidence:g}% t interval"
+
+
+def interval_phrase(agg: pd.DataFrame, where_fewer: str = "column n", formula: bool = True) -> str:
+    """What the interval of an `aggregate` table or plot is, e.g. "mean [95% t interval: mean ± t_{0.975, n-1} ·
+    s/√n, s the std (ddof=1)] over 5 seeds" (without `formula`: "mean [95% t interval] over 5 seeds"); when the
     number of seeds expected is unknown and rows differ, `where_fewer` says where n is shown."""
     expected = agg.attrs.get("seeds_expected")
     ns = sorted(set(agg["n"]))
     if expected == 1 or (expected is None and ns == [1]):
-        return "1 seed, no spread"
+        return "1 seed, no interval"
     over = (f"{expected} seeds" if expected is not None else
             f"{ns[0]} seeds" if len(ns) == 1 else f"up to {ns[-1]} seeds ({where_fewer})")
-    return f"mean ± std (ddof=1) over {over}"
+    confidence = agg.attrs.get("confidence", CONFIDENCE)
+    how = f": mean ± t_{{{(1 + confidence) / 2:g}, n−1}} · s/√n, s the std (ddof=1)" if formula else ""
+    return f"mean [{interval_name(confidence)}{how}] over {over}"
 
 
-def _pct(mean: float, std: float | None, percent: bool) -> str:
+def _number(value: float, percent: bool) -> str:
+    return f"{value * 100:.2f}" if percent else f"{value:.4f}"
+
+
+def _mean_cell(mean: float, low: float, high: float, percent: bool) -> str:
+    """"4.27% [3.98, 4.56]": the mean and its interval (n = 1: the mean alone)."""
     if mean is None or math.isnan(mean):
         return "—"
-    scale, unit = (100, "%") if percent else (1, "")
-    digits = 2 if percent else 4
-    text = f"{mean * scale:.{digits}f}{unit}"
-    if std is not None and not math.isnan(std):
-        text += f" ± {std * scale:.{digits}f}"
+    text = _number(mean, percent) + ("%" if percent else "")
+    if not (math.isnan(low) or math.isnan(high)):
+        text += f" [{_number(low, percent)}, {_number(high, percent)}]"
     return text
+
+
+def _std_cell(std: float, percent: bool) -> str:
+    return "—" if std is None or math.isnan(std) else _number(std, percent)
 
 
 def _published_cell(p: Published) -> str:
@@ -156,16 +173,17 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
     """Markdown and LaTeX of an `aggregate` table in the paper's style.
 
     Each reproduced row shows its configuration (`columns`, default all `by` fields), the metric
-    as "0.41% ± 0.03" (mean in percent ± std in percentage points), `n` ("3/5 (incomplete)" when
-    short of the expected seeds) and the flagged runs. With `published` (e.g. PUBLISHED, keyed by
-    task, glimpse_size, glimpses, which `agg` must then hold), the matching published value and
+    as "0.41% [0.38, 0.44]" (mean in percent and its 95% t interval), the std (ddof=1, in percentage
+    points: the paper's ±), `n` ("3/5 (incomplete)" when short of the expected seeds) and the flagged
+    runs. With `published` (e.g. PUBLISHED, keyed by task, glimpse_size, glimpses, which `agg` must
+    then hold), the matching published value and
     the difference (pp) stand beside each row. `quoted` rows (e.g. BASELINES["1a"]) are other
     models' published results, listed first with a `model` column. The lowest mean is bold.
     `baseline` (a {field: value} dict matching one row, or a row position) adds the p-value of
     Welch's t-test of each row's seeds against the baseline's. The caption says what ± means.
     """
     metric = agg.attrs.get("metric") or schema.TEST_ERROR
-    by = agg.attrs.get("by", [c for c in agg.columns if c not in STAT_COLUMNS + ["ci_low", "ci_high"]])
+    by = agg.attrs.get("by", [c for c in agg.columns if c not in STAT_COLUMNS])
     columns = list(by if columns is None else columns)
     expected = agg.attrs.get("seeds_expected")
     percent = is_percent(metric)
@@ -177,8 +195,10 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
     label = label or "STAWM (reproduced)"
     base = _baseline_row(agg, baseline) if baseline is not None and len(agg) else None
 
+    confidence = agg.attrs.get("confidence", CONFIDENCE)
     header = (["model"] if show_model else []) + columns + [
-        f"{metric.replace('_', ' ')}" + (" (%)" if percent else ""), "n", "flagged"]
+        f"{metric.replace('_', ' ')}" + (" (%)" if percent else "") + f": mean [{interval_name(confidence)}]",
+        "std (pp)" if percent else "std", "n", "flagged"]
     if show_published:
         header += ["published", "Δ (pp)"]
     if baseline is not None:
@@ -188,7 +208,7 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
     rows: list[tuple[list[str], set[int]]] = []  # cells, indices of bold cells
     for p in quoted:
         cells = ([p.model] if show_model else []) + [
-            cell_text(getattr(p, c, None)) if c in MATCH_FIELDS else "—" for c in columns] + ["—", "—", "—"]
+            cell_text(getattr(p, c, None)) if c in MATCH_FIELDS else "—" for c in columns] + ["—", "—", "—", "—"]
         if show_published:
             cells += [_published_cell(p), "—"]
         if baseline is not None:
@@ -200,7 +220,8 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
     notes = [p.note for p in quoted if p.note]
     for i, r in enumerate(agg.to_dict("records")):
         cells = ([label] if show_model else []) + [cell_text(r[c]) for c in columns]
-        cells.append(_pct(r["mean"], r["std"], percent))
+        cells.append(_mean_cell(r["mean"], r["t_low"], r["t_high"], percent))
+        cells.append(_std_cell(r["std"], percent))
         complete = bool(r["complete"])
         left_out = f", {r['unfinished']} unfinished" if r.get("unfinished") else ""  # failed or running
         cells.append(str(r["n"]) if complete else
@@ -220,14 +241,18 @@ def format_table(agg: pd.DataFrame, columns: Sequence[str] | None = None, *,
         bold = {n_label} if best is not None and r["mean"] == best else set()
         rows.append((cells, bold))
 
-    flagged = ("flagged runs (Appendix A) left out of the statistics, counted in `flagged`"
-               if agg.attrs.get("exclude_flagged") else "flagged runs (Appendix A) included in the statistics")
+    flagged = ("flagged runs (a flagging condition failed) left out of the statistics, counted in `flagged`"
+               if agg.attrs.get("exclude_flagged") else
+               "flagged runs (a flagging condition failed) included in the statistics")
     text = caption or (
-        f"{metric}" + (" in %" if percent else "") + f": {spread_phrase(agg)}; {flagged}"
+        f"{metric}" + (" in %" if percent else "") + f": {interval_phrase(agg)}; std (ddof=1)"
+        + (" in percentage points" if percent else "") + f"; {flagged}"
         + (f"; rows short of {seeds_phrase(expected)} are marked incomplete" if expected is not None else "")
+        + ("; a t interval's lower end below 0 (few seeds, a wide spread) is shown as computed"
+           if percent and (agg["t_low"] < 0).any() else "")
         + ("; unfinished runs (failed or still running) are left out"
            if "unfinished" in agg and agg["unfinished"].any() else "")
-        + ("; published: the paper's Table 1, Δ = reproduced − published in percentage points"
+        + ("; published: the paper's Table 1 (mean ± std), Δ = reproduced − published mean in percentage points"
            if show_published else "")
         + ("; rows without a reproduced value are quoted from the paper" if quoted else "")
         + (f"; p: Welch's t-test against {_describe(agg, columns, base)}" if base is not None else "")
@@ -278,8 +303,9 @@ def table1(runs: pd.DataFrame, seeds_expected: int | None = None, exclude_flagge
 
 def summary(agg: pd.DataFrame) -> pd.DataFrame:
     """The CSV form of an `aggregate` table: by fields (tuples as "[64, 128]"), n,
-    <metric>_mean, <metric>_std (fractions as logged, ddof=1), flagged, complete, and
-    flagged_in_statistics (whether n and the mean count the flagged runs: the default)."""
+    <metric>_mean, <metric>_t95_low, <metric>_t95_high (its 95% Student t interval), <metric>_std
+    (fractions as logged, ddof=1), flagged, complete, and flagged_in_statistics (whether n and the
+    mean count the flagged runs: the default)."""
     metric = agg.attrs.get("metric") or schema.TEST_ERROR
     by = agg.attrs.get("by", [])
     out = agg[by].copy()
@@ -287,25 +313,38 @@ def summary(agg: pd.DataFrame) -> pd.DataFrame:
         if out[c].map(lambda v: isinstance(v, tuple)).any():
             out[c] = out[c].map(cell_text)
     out["n"] = agg["n"]
-    out[f"{metric}_mean"], out[f"{metric}_std"] = agg["mean"], agg["std"]
+    out[f"{metric}_mean"] = agg["mean"]
+    level = f"t{100 * agg.attrs.get('confidence', CONFIDENCE):g}"
+    out[f"{metric}_{level}_low"], out[f"{metric}_{level}_high"] = agg["t_low"], agg["t_high"]
+    out[f"{metric}_std"] = agg["std"]
     out["flagged"], out["complete"] = agg["flagged"], agg["complete"]
     out["flagged_in_statistics"] = not agg.attrs.get("exclude_flagged", False)  # what n and the mean hold
     return out
 
 
+CATEGORY_NOTE = ("category: `by construction` holds or fails by how a run is built (`writes`: with ReLU6 and W = 0 "
+                 "at the start, theta = 0 writes nothing and the run cannot learn through its memory, so writes -> "
+                 "no_learning checks the implementation, it predicts nothing; `activation`: the config admits only "
+                 "bounded, nonnegative activations), `could fail` can be broken by the rates chosen or learned "
+                 "(`flags` says in how many runs it was), `informational` never flags a run; `any flag` is the run's "
+                 "verdict")
+
+
 def format_predictions(predictions: pd.DataFrame, rules: str) -> str:
-    """Markdown of `outcomes.prediction_table`: per condition (its source) and outcome, the 2x2 counts,
-    precision and recall; `rules` (`outcomes.rules`) is the caption's second half."""
-    header = ["condition", "source", "outcome", "flagged & outcome", "flagged, no outcome", "outcome, not flagged",
-              "neither", "precision", "recall"]
-    lines = [f"Table: how well each Appendix A condition (a prediction) foretells each measured outcome: 2x2 counts "
-             f"of runs, precision = outcome among flagged, recall = flagged among outcome (— where nothing to "
-             f"divide); informational conditions never flag a run and are shown for comparison; {rules}.", "",
-             "| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * 6]
+    """Markdown of `outcomes.prediction_table`: per condition (its category, source and the runs it flagged) and
+    outcome, the 2x2 counts, precision and recall; `rules` (`outcomes.rules`) is the caption's second half."""
+    header = ["condition", "category", "source", "flags", "outcome", "flagged & outcome", "flagged, no outcome",
+              "outcome, not flagged", "neither", "precision", "recall"]
+    lines = [f"Table: how well each condition (a prediction: from Appendix A, from Section 3.1 read as a requirement, "
+             f"or derived here, as `source` says) foretells each measured outcome: 2x2 counts of runs, precision = "
+             f"outcome among flagged, recall = flagged among outcome (— where nothing to divide); flags: runs the "
+             f"condition flagged (for an informational one: runs where it did not hold); {CATEGORY_NOTE}; {rules}.",
+             "", "| " + " | ".join(header) + " |", "|---|---|---|---:|---|" + "---:|" * 6]
     for r in predictions.to_dict("records"):
         name = f"{r['condition']} (informational)" if r["informational"] else r["condition"]
-        cells = [name, r["source"], r["outcome"], *(str(r[k]) for k in ("flagged_and_outcome", "flagged_no_outcome",
-                                                                        "outcome_not_flagged", "neither")),
+        flags = r["flagged_and_outcome"] + r["flagged_no_outcome"]
+        cells = [name, r.get("category", "—"), r["source"], str(flags), r["outcome"],
+                 *(str(r[k]) for k in ("flagged_and_outcome", "flagged_no_outcome", "outcome_not_flagged", "neither")),
                  *("—" if math.isnan(r[k]) else f"{r[k]:.2f}" for k in ("precision", "recall"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

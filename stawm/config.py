@@ -123,6 +123,9 @@ class Config:
     normalize: bool = True  # normalise inputs with the dataset mean/std (classification)
     validation_size: int = 0  # images carved from the training set for searches (0 = none)
     max_steps: int = 0  # stop each epoch after this many steps (0 = the whole epoch); for benchmarks
+    # a run whose memory is provably stuck (stawm.conditions.provably_stuck: W = 0 through an epoch, theta = 0,
+    # ReLU6; a derived rule) stops after that epoch, its last measured test error its final one; False: every epoch
+    stop_stuck: bool = True
     seed: int = 0  # sets model init, data order, augmentation and dropout
 
     def replace(self, **changes) -> "Config":

@@ -10,10 +10,12 @@ The layout of a study in MLflow:
 - the experiment tagged EXPERIMENT_KIND = EXPERIMENT_KIND_TRAINING;
 - one parent run per study, named after it: ROLE = ROLE_STUDY, STUDY, GIT_COMMIT, GIT_DIRTY, SOURCE_NAME,
   SOURCE_TYPE, NOTE (the command line, credentials redacted); params SEEDS, SWEPT and the study's flags;
+  the plan made before its first trial: params PLAN_PARAMS, artifacts PLAN_TEXT_ARTIFACT and PLAN_ARTIFACT;
 - one child run per Tune trial (and per member of a trial of fused seeds): PARENT_RUN_ID, ROLE =
   ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, GIT_DIRTY, SOURCE_NAME, SOURCE_TYPE, HOST,
   NODE, DEVICE, GPU, CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped
-  it; a run name made of its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
+  it, STOP_REASON, STOP_EPOCH, STOP_MAX_ABS_W (and FINAL_ERROR) when it stopped on its own; a run name made of
+  its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
   digest; DATASET_CONTEXT); params = the flat Config; metrics per epoch (step = epoch) under the
   training loop's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT.
 """
@@ -45,6 +47,11 @@ NODE = "stawm.node"  # the Ray node id the trial ran on (one machine can hold se
 DEVICE = "stawm.device"  # what the trial trained on: cpu or cuda (--device auto decides inside the trial)
 GPU = "stawm.gpu"
 STOPPED_EARLY = "stawm.stopped_early"
+STOP_REASON = "stawm.stop_reason"  # why it stopped on its own before its last epoch: the record's stop_reason
+STOP_EPOCH = "stawm.stop_epoch"  # the epoch after which it stopped
+STOP_MAX_ABS_W = "stawm.stop_max_abs_w"  # that epoch's largest |W| entry (0 for a stuck run: its memory never written)
+FINAL_ERROR = "stawm.final_error"  # set when the final test error was not measured at the configured last epoch
+FINAL_ERROR_LAST_MEASURED = "last measured"  # a stuck run's: measured after the epoch it stopped, standing for the rest
 EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag MLflow 3's UI reads to choose the experiment's first view
 EXPERIMENT_KIND_TRAINING = "custom_model_development"  # model training runs (not GenAI traces)
 DATASET_CONTEXT = "mlflow.data.context"  # tag of a run's dataset input: what the run used it for
@@ -63,6 +70,15 @@ SEEDS_NOW = "stawm.seeds"  # parent tag: seeds per configuration now, once --res
 SEEDS_ADDED = "stawm.seeds_added"  # parent tag: the seed ranges added, each with its Ray experiment ("3-4:NAME-seeds3-4")
 SWEPT = "swept"  # config fields the study varies (seed excluded), comma-separated
 
+# the plan (stawm.study.plan), logged before the first trial; a resumed study keeps its first launch's
+PLAN_TRIALS = "plan.trials"  # Tune trials planned: configurations x seeds (fused: configurations), every stage
+PLAN_DONE = "plan.done"  # of those, the ones FINISHED already when the launch began (a resumed study)
+PLAN_EPOCH_S = "plan.epoch_s"  # seconds of training steps per epoch expected (plan.json says from where)
+PLAN_CONCURRENCY = "plan.concurrency"  # trials expected to run at once
+PLAN_WALL_S = "plan.wall_s"  # seconds expected from the parent run to the study's closing summary
+PLAN_DEVICE_HOURS = "plan.device_hours"  # GPU-hours, or CPU-core-hours when trials get no GPU (plan.json: device)
+PLAN_PARAMS = (PLAN_TRIALS, PLAN_DONE, PLAN_EPOCH_S, PLAN_CONCURRENCY, PLAN_WALL_S, PLAN_DEVICE_HOURS)
+
 # --- metrics (step = epoch, 1-based) ----------------------------------------------------------------
 
 TEST_ERROR = "test_error"  # a fraction
@@ -78,6 +94,8 @@ RATE_METRICS = ("delta", "eta", "theta")  # the memory rates at the end of each 
 
 CONFIG_ARTIFACT = "config.json"  # the flat Config
 STABILITY_ARTIFACT = "stability.json"  # the Appendix A report
+PLAN_TEXT_ARTIFACT = "plan.txt"  # the parent run's: the plan's block as the study printed it
+PLAN_ARTIFACT = "plan.json"  # the parent run's: every figure of the plan and where it comes from
 
 # --- values -----------------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     grid = {"glimpses": QUICK_GLIMPSES if args.quick else GLIMPSES}
     runner.check_grid(args, grid)
-    study = runner.start_study(args, swept=list(grid))
+    plan = runner.plan(args, configurations=len(grid["glimpses"]))  # trials x epochs x s/epoch; --plan stops here
+    study = runner.start_study(args, swept=list(grid), plan=plan)
     space = {
         "glimpses": tune.grid_search(grid["glimpses"]),
         **runner.seed_space(args),

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)
     grid = {"glimpse_size": QUICK_SIZES if args.quick else SIZES}
     runner.check_grid(args, grid)
-    study = runner.start_study(args, swept=list(grid))
+    plan = runner.plan(args, configurations=len(grid["glimpse_size"]))  # trials x epochs x s/epoch; --plan stops here
+    study = runner.start_study(args, swept=list(grid), plan=plan)
     space = {
         "glimpse_size": tune.grid_search(grid["glimpse_size"]),
         **runner.seed_space(args),  # seed: tune.grid_search(seeds), or with --fuse-seeds seeds: the list

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = INITIAL_RATES[:1] if args.quick else INITIAL_RATES
     grid = {"learnable_rates": [False, True]}
     runner.check_grid(args, grid, variants=settings)
-    study = runner.start_study(args, swept=["learnable_rates", "delta", "eta", "theta"])
+    plan = runner.plan(args, configurations=len(grid["learnable_rates"]) * len(settings))  # --plan stops here
+    study = runner.start_study(args, swept=["learnable_rates", "delta", "eta", "theta"], plan=plan)
     space = {
         "learnable_rates": tune.grid_search(grid["learnable_rates"]),
         "variant": tune.grid_search(settings),  # the initial rates, one dict per setting

@@ -22,6 +22,7 @@ therefore takes eta = 1e38, the most extreme kind of legal (finite) rate: its fi
 is beyond float32's largest number, so W, then the loss, become inf/NaN in the first step.
 """
 
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -56,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv, own=Flags)
     if args.quick:  # an explicit list of settings: each one is a trial's `variant`
         runner.check_grid(args, variants=QUICK_SETTINGS)
-        rates = {"variant": tune.grid_search(QUICK_SETTINGS)}
+        rates, settings = {"variant": tune.grid_search(QUICK_SETTINGS)}, len(QUICK_SETTINGS)
     else:
         grid = {name: getattr(args.own, name) for name in GRID}
         runner.check_grid(args, grid)
         rates = {name: tune.grid_search(values) for name, values in grid.items()}
-    study = runner.start_study(args, swept=["delta", "eta", "theta"],
-                               fixed={"learnable_rates": args.own.learnable_rates})
+        settings = math.prod(len(values) for values in grid.values())
+    fixed = {"learnable_rates": args.own.learnable_rates}
+    plan = runner.plan(args, configurations=settings, fixed=fixed)  # trials x epochs x s/epoch; --plan stops here
+    study = runner.start_study(args, swept=["delta", "eta", "theta"], fixed=fixed, plan=plan)
     space = {**rates, **runner.seed_space(args)}
     trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
                                     runner.resources(args))

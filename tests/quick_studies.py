@@ -59,7 +59,13 @@ STUDIES = {  # label -> the script, its --name (MLflow experiment) and its flags
     "table1": ("table1.py", "table1", STEP_CAP),  # 2 seeds: each seed's self-supervised run on its own drawer
     "search": ("search.py", "search", STEP_CAP),  # 2 suggestions x 2 seeds, then the best over 2 fresh seeds
     "search --resume": ("search.py", "search", [*STEP_CAP, "--resume"]),  # again: nothing left, nothing doubled
+    # 3 suggestions, each one trial of its 2 seeds fused, 2 epochs: ASHA's one rung is epoch 1, where a suggestion
+    # whose seeds' mean is worse than the median of those before it stops; then the best over 2 fresh seeds
+    "search --asha": ("search.py", "search-asha", [*STEP_CAP, "--asha", "--samples", "3", "--epochs", "2",
+                                                   "--asha-reduction-factor", "2"]),
     "glimpse_count": ("glimpse_count.py", "glimpse_count", ["--seeds", "1", *STEP_CAP]),
+    # the finished study given a second seed: only seed 1 of each N trains (test_glimpse_count_quick)
+    "glimpse_count --seeds 2 --resume": ("glimpse_count.py", "glimpse_count", ["--seeds", "2", *STEP_CAP, "--resume"]),
     "learnable_rates": ("learnable_rates.py", "learnable_rates", ["--seeds", "1", *STEP_CAP]),
     "memory_rates": ("memory_rates.py", "memory_rates", ["--seeds", "1", *STEP_CAP]),
     "fused": ("glimpse_size.py", "fused", ["--fuse-seeds", "--gpus-per-trial", "auto", "--epochs", "2", *STEP_CAP]),
@@ -67,9 +73,11 @@ STUDIES = {  # label -> the script, its --name (MLflow experiment) and its flags
 
 
 # Three lanes, balanced on their measured wall times (the suite's summary line, 2026-12-03: table1 99 s, search 41 + 14,
-# fused 39, glimpse_count 35, memory_rates 28, learnable_rates 26): most of a study's time is its driver
-# importing and waiting on Ray, which another lane's trials fill.
-STUDY_LANES = (["table1"], ["search", "search --resume", "learnable_rates"], ["fused", "glimpse_count", "memory_rates"])
+# fused 39, glimpse_count 35, memory_rates 28, learnable_rates 26; 2026-12-07, on a loaded machine: search --asha 100
+# where search took 79, so about 50 here): most of a study's time is its driver importing and waiting on Ray, which
+# another lane's trials fill. The searches share a lane: their Optuna studies share one SQLite file.
+STUDY_LANES = (["table1", "learnable_rates"], ["search", "search --resume", "search --asha"],
+               ["fused", "glimpse_count", "glimpse_count --seeds 2 --resume", "memory_rates"])
 assert sorted(sum(STUDY_LANES, [])) == sorted(STUDIES)
 
 

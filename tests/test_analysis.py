@@ -227,6 +227,11 @@ def test_a_renamed_schema_name_is_renamed_on_both_sides(hand_store, tmp_path, mo
 A_MEAN, A_STD, A_SEM = 0.00412, 2.588435821e-4, 1.157584e-4
 B_MEAN, B_STD = 0.0051, 2.645751311e-4
 BF_MEAN, BF_STD = 0.011325, 1.2451874022e-2
+# 95% t intervals, mean ± t_{0.975, n-1} · sem, with t from a printed table: t_{0.975, 4} = 2.7764451,
+# t_{0.975, 3} = 3.1824463, t_{0.975, 2} = 4.3026527. A: 0.00412 ± 2.7764451 · 1.157584e-4 = 0.00412 ± 3.21398e-4;
+# B: 0.0051 ± 4.3026527 · 2.645751311e-4 / sqrt(3) = 0.0051 ± 6.57241e-4; B with the flagged run:
+# 0.011325 ± 3.1824463 · 1.2451874022e-2 / 2 = 0.011325 ± 1.981371e-2.
+A_HALF, B_HALF, BF_HALF = 2.7764451 * A_SEM, 4.3026527 * B_STD / math.sqrt(3), 3.1824463 * BF_STD / 2
 
 
 def test_mean_std_sem_by_hand():
@@ -235,6 +240,62 @@ def test_mean_std_sem_by_hand():
     assert uncertainty.sem(A) == pytest.approx(A_SEM, rel=1e-6)
     assert math.isnan(stats.mean_std([0.004])[1]) and stats.mean_std([0.004])[0] == 0.004
     assert math.isnan(uncertainty.sem([0.004])) and all(math.isnan(x) for x in stats.mean_std([]))
+
+
+def test_t_interval_by_hand():
+    """[1, 2, 3, 4, 5]: mean 3, s = sqrt(10/4) = 1.5811388, t_{0.975, 4} = 2.7764451 (a printed table), half-width
+    2.7764451 · 1.5811388 / sqrt(5) = 1.9632432; the same values at 90%: t_{0.95, 4} = 2.1318468, 1.5074433."""
+    assert uncertainty.t_interval([1, 2, 3, 4, 5]) == pytest.approx((3 - 1.9632432, 3 + 1.9632432), rel=1e-7)
+    assert uncertainty.t_interval([1, 2, 3, 4, 5], 0.90) == pytest.approx((3 - 1.5074433, 3 + 1.5074433), rel=1e-7)
+    assert uncertainty.t_interval(A) == pytest.approx((A_MEAN - A_HALF, A_MEAN + A_HALF), rel=1e-6)
+    assert uncertainty.t_interval([1, 2, np.nan, 3, 4, 5]) == uncertainty.t_interval([1, 2, 3, 4, 5])  # NaN ignored
+    assert all(math.isnan(x) for x in uncertainty.t_interval([0.004]))
+    # n = 3 to 5 (the shipped studies today and once extended): each interval holds its mean, and widens as n falls
+    for n in (3, 5):
+        low, high = uncertainty.t_interval(A[:n])
+        assert low < np.mean(A[:n]) < high
+
+
+def test_welch_by_formula():
+    """Two hand-made groups: a = [1, 2, 3, 4] (mean 2.5, var 5/3), b = [2, 4, 6, 8, 10] (mean 6, var 10).
+    se² = (5/3)/4 + 10/5 = 2.4166667, t = -3.5 / 1.5545632 = -2.2514363, df = 2.4166667² / ((5/12)²/3 + 2²/4)
+    = 5.5207877; t_{0.975, 5.5207877} and the p-value from scipy's t distribution at that df."""
+    w = uncertainty.welch([1, 2, 3, 4], [2, 4, 6, 8, 10])
+    se2 = (5 / 3) / 4 + 10 / 5
+    df = se2 ** 2 / (((5 / 3) / 4) ** 2 / 3 + (10 / 5) ** 2 / 4)
+    assert (w["n_a"], w["n_b"], w["mean_a"], w["mean_b"], w["diff"]) == (4, 5, 2.5, 6.0, -3.5)
+    assert w["t"] == pytest.approx(-3.5 / math.sqrt(se2), rel=1e-12) and w["df"] == pytest.approx(df, rel=1e-12)
+    assert df == pytest.approx(5.5207877, rel=1e-7)
+    half = scipy.stats.t.ppf(0.975, df) * math.sqrt(se2)
+    assert (w["low"], w["high"]) == pytest.approx((-3.5 - half, -3.5 + half), rel=1e-12)
+    assert w["p"] == pytest.approx(2 * scipy.stats.t.sf(3.5 / math.sqrt(se2), df), rel=1e-12)
+    assert w["p"] == pytest.approx(scipy.stats.ttest_ind([1, 2, 3, 4], [2, 4, 6, 8, 10], equal_var=False).pvalue)
+    assert w["low"] < 0 < w["high"] and w["p"] > 0.05  # the interval holds 0 exactly when p > 0.05
+    one = uncertainty.welch([1.0], [2, 4, 6])
+    assert one["diff"] == -3.0 and all(math.isnan(one[k]) for k in ("low", "high", "p"))
+    flat = uncertainty.welch([1, 1, 1], [2, 2, 2])  # no spread anywhere: no test
+    assert flat["diff"] == -1.0 and math.isnan(flat["p"])
+
+
+def test_spearman_on_known_sequences():
+    """A monotone sequence has rho = 1 (its interval closes on 1); x = 1..5, y = [1, 3, 2, 5, 4]: rank differences
+    0, -1, 1, -1, 1, rho = 1 - 6 · 4 / (5 · 24) = 0.8; its Fisher-z interval: tanh(atanh(0.8) ± 1.959964 ·
+    sqrt((1 + 0.32) / 2)) = (-0.4571244, 0.9908429)."""
+    up = uncertainty.spearman([1, 2, 3, 4, 5, 6], [0.1, 0.2, 0.5, 0.9, 2.0, 7.0])
+    assert up["rho"] == pytest.approx(1.0) and up["n"] == 6 and up["low"] == pytest.approx(1.0) and up["p"] < 0.01
+    down = uncertainty.spearman([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
+    assert down["rho"] == pytest.approx(-1.0)
+    s = uncertainty.spearman([1, 2, 3, 4, 5], [1, 3, 2, 5, 4])
+    assert s["rho"] == pytest.approx(0.8)
+    z, half = math.atanh(0.8), 1.959964 * math.sqrt((1 + 0.8 ** 2 / 2) / 2)
+    assert (s["low"], s["high"]) == pytest.approx((math.tanh(z - half), math.tanh(z + half)), rel=1e-6)
+    assert (s["low"], s["high"]) == pytest.approx((-0.4571244, 0.9908429), rel=1e-6)
+    assert s["p"] == pytest.approx(scipy.stats.spearmanr([1, 2, 3, 4, 5], [1, 3, 2, 5, 4]).pvalue)
+    # ties at average ranks, non-finite pairs dropped; 3 pairs: rho but no interval; constant y: nothing
+    tied = uncertainty.spearman([1, 1, 2, 2, np.nan], [1, 2, 3, 4, 5])
+    assert tied["n"] == 4 and tied["rho"] == pytest.approx(scipy.stats.spearmanr([1, 1, 2, 2], [1, 2, 3, 4])[0])
+    assert math.isnan(uncertainty.spearman([1, 2, 3], [3, 1, 2])["low"])
+    assert math.isnan(uncertainty.spearman([1, 2, 3, 4], [5, 5, 5, 5])["rho"])
 
 
 def test_bootstrap_ci_brackets_the_mean_and_repeats():
@@ -252,10 +313,12 @@ def test_aggregate_by_hand(table_runs):
     a, b = agg.iloc[0], agg.iloc[1]
     assert (a["glimpse_size"], a["glimpses"], b["glimpse_size"], b["glimpses"]) == (8, 8, 28, 10)
     assert a["n"] == 5 and a["mean"] == pytest.approx(A_MEAN) and a["std"] == pytest.approx(A_STD, rel=1e-9)
+    assert (a["t_low"], a["t_high"]) == pytest.approx((A_MEAN - A_HALF, A_MEAN + A_HALF), rel=1e-6)
     assert a["sem"] == pytest.approx(A_SEM, rel=1e-6) and (a["min"], a["max"]) == (0.0038, 0.0045)
     assert a["flagged"] == 0 and a["complete"] and a["seeds_used"] == (0, 1, 2, 3, 4)
     # B: every finished seed counts, the flagged seed 3 too; the running seed 4 is left out: 4 of 5
     assert b["n"] == 4 and b["mean"] == pytest.approx(BF_MEAN) and b["std"] == pytest.approx(BF_STD, rel=1e-9)
+    assert (b["t_low"], b["t_high"]) == pytest.approx((BF_MEAN - BF_HALF, BF_MEAN + BF_HALF), rel=1e-6)
     assert b["flagged"] == 1 and b["unfinished"] == 1 and not b["complete"] and b["seeds_used"] == (0, 1, 2, 3)
     # asked to, the flagged seed is left out of the statistics but still counted in `flagged`: 3 of 5
     only = stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5, exclude_flagged=True).iloc[1]
@@ -263,12 +326,18 @@ def test_aggregate_by_hand(table_runs):
     assert only["flagged"] == 1 and only["seeds_used"] == (0, 1, 2)
 
 
-def test_aggregate_single_seed_has_nan_std_and_ci_columns(table_runs):
+def test_aggregate_single_seed_has_nan_std_and_interval_columns(table_runs):
     one = table_runs[table_runs["seed"] == 0]
-    agg = stats.aggregate(one, ["glimpses"], seeds_expected=5, ci=0.95)
+    agg = stats.aggregate(one, ["glimpses"], seeds_expected=5, bootstrap=0.95)
     assert list(agg["n"]) == [1, 1] and agg["std"].isna().all() and not agg["complete"].any()
-    agg = stats.aggregate(table_runs, ["glimpses"], ci=0.95)
-    assert (agg["ci_low"] <= agg["mean"]).all() and (agg["mean"] <= agg["ci_high"]).all()
+    assert agg[["t_low", "t_high", "bootstrap_low", "bootstrap_high"]].isna().all().all()
+    agg = stats.aggregate(table_runs, ["glimpses"], bootstrap=0.95)
+    assert (agg["bootstrap_low"] <= agg["mean"]).all() and (agg["mean"] <= agg["bootstrap_high"]).all()
+    assert (agg["t_low"] <= agg["mean"]).all() and (agg["mean"] <= agg["t_high"]).all()
+    # with 5 seeds the percentile bootstrap is narrower than the t interval (it has no t factor): why the
+    # tables show the t interval
+    a = agg.iloc[0]
+    assert a["bootstrap_high"] - a["bootstrap_low"] < a["t_high"] - a["t_low"]
     assert list(agg["complete"]) == [True, False]  # seeds_expected unknown: compared with the largest n
 
 
@@ -310,42 +379,53 @@ def test_format_table_markdown_and_latex_exactly(table_runs):
     table = tables.format_table(agg, ["glimpse_size", "glimpses"], published=tables.PUBLISHED,
                                 baseline={"glimpse_size": 8})
     assert f"{P_AB:.4f}" == "0.0059"
-    left_out = "flagged runs (Appendix A) left out of the statistics, counted in `flagged`"
-    caption = (f"test_error in %: mean ± std (ddof=1) over 5 seeds; {left_out}; "
+    # A: 0.412% [0.412 ∓ 0.0321] = [0.38, 0.44]; B (flagged run left out): 0.51% ∓ 0.0657 = [0.44, 0.58]
+    assert (100 * (A_MEAN - A_HALF), 100 * (A_MEAN + A_HALF)) == pytest.approx((0.37986, 0.44414), abs=1e-5)
+    assert (100 * (B_MEAN - B_HALF), 100 * (B_MEAN + B_HALF)) == pytest.approx((0.44428, 0.57572), abs=1e-5)
+    left_out = "flagged runs (a flagging condition failed) left out of the statistics, counted in `flagged`"
+    interval = "mean [95% t interval: mean ± t_{0.975, n−1} · s/√n, s the std (ddof=1)] over 5 seeds"
+    caption = (f"test_error in %: {interval}; std (ddof=1) in percentage points; {left_out}; "
                "rows short of 5 seeds are marked incomplete; unfinished runs (failed or still running) are left out; "
-               "published: the paper's Table 1, "
-               "Δ = reproduced − published in percentage points; p: Welch's t-test against "
+               "published: the paper's Table 1 (mean ± std), "
+               "Δ = reproduced − published mean in percentage points; p: Welch's t-test against "
                "glimpse_size=8, glimpses=8; S_g=28, N=10: best of 5 runs 0.31%.")
     assert table.markdown == (
         f"Table: {caption}\n\n"
-        "| glimpse_size | glimpses | test error (%) | n | flagged | published | Δ (pp) | p (Welch) |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-        "| 8 | 8 | **0.41% ± 0.03** | 5 | 0 | 0.41% ± 0.03 | +0.00 | baseline |\n"
-        "| 28 | 10 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 | 0.006 |\n")
+        "| glimpse_size | glimpses | test error (%): mean [95% t interval] | std (pp) | n | flagged | published "
+        "| Δ (pp) | p (Welch) |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| 8 | 8 | **0.41% [0.38, 0.44]** | 0.03 | 5 | 0 | 0.41% ± 0.03 | +0.00 | baseline |\n"
+        "| 28 | 10 | 0.51% [0.44, 0.58] | 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 "
+        "| 0.006 |\n")
     assert table.latex == (
         "% requires \\usepackage{booktabs}\n"
         "\\begin{table}[t]\n"
         "\\centering\n"
-        "\\caption{test\\_error in \\%: mean $\\pm$ std (ddof=1) over 5 seeds; flagged runs (Appendix A) left out of "
-        "the statistics, counted in `flagged`; "
+        "\\caption{test\\_error in \\%: mean [95\\% t interval: mean $\\pm$ t\\_\\{0.975, n$-$1\\} · s/√n, s the "
+        "std (ddof=1)] over 5 seeds; std (ddof=1) in percentage points; flagged runs (a flagging condition failed) "
+        "left out of the statistics, counted in `flagged`; "
         "rows short of 5 seeds are marked incomplete; unfinished runs (failed or still running) are left out; "
-        "published: the paper's Table 1, "
-        "$\\Delta$ = reproduced $-$ published in percentage points; p: Welch's t-test against "
+        "published: the paper's Table 1 (mean $\\pm$ std), "
+        "$\\Delta$ = reproduced $-$ published mean in percentage points; p: Welch's t-test against "
         "glimpse\\_size=8, glimpses=8; S\\_g=28, N=10: best of 5 runs 0.31\\%.}\n"
-        "\\begin{tabular}{llrrrrrr}\n"
+        "\\begin{tabular}{llrrrrrrr}\n"
         "\\toprule\n"
-        "glimpse\\_size & glimpses & test error (\\%) & n & flagged & published & $\\Delta$ (pp) & p (Welch) \\\\\n"
+        "glimpse\\_size & glimpses & test error (\\%): mean [95\\% t interval] & std (pp) & n & flagged & published & "
+        "$\\Delta$ (pp) & p (Welch) \\\\\n"
         "\\midrule\n"
-        "8 & 8 & \\textbf{0.41\\% $\\pm$ 0.03} & 5 & 0 & 0.41\\% $\\pm$ 0.03 & +0.00 & baseline \\\\\n"
-        "28 & 10 & 0.51\\% $\\pm$ 0.03 & 3/5 (incomplete, 1 unfinished) & 1 & 0.35\\% $\\pm$ 0.02 & +0.16 "
+        "8 & 8 & \\textbf{0.41\\% [0.38, 0.44]} & 0.03 & 5 & 0 & 0.41\\% $\\pm$ 0.03 & +0.00 & baseline \\\\\n"
+        "28 & 10 & 0.51\\% [0.44, 0.58] & 0.03 & 3/5 (incomplete, 1 unfinished) & 1 & 0.35\\% $\\pm$ 0.02 & +0.16 "
         "& 0.006 \\\\\n"
         "\\bottomrule\n"
         "\\end{tabular}\n"
         "\\end{table}\n")
     # by default every finished run counts, flagged ones too, and the caption says so
     counted = tables.format_table(stats.aggregate(table_runs, ["glimpse_size", "glimpses"], seeds_expected=5))
-    assert "flagged runs (Appendix A) included in the statistics" in counted.markdown
-    assert counted.markdown.splitlines()[-1] == "| 28 | 10 | 1.13% ± 1.25 | 4/5 (incomplete, 1 unfinished) | 1 |"
+    assert "flagged runs (a flagging condition failed) included in the statistics" in counted.markdown
+    # B with its flagged run: 1.1325% ∓ 1.981371 = [-0.85, 3.11]: a lower end below 0, shown as computed and said
+    assert counted.markdown.splitlines()[-1] == ("| 28 | 10 | 1.13% [-0.85, 3.11] | 1.25 | 4/5 (incomplete, 1 "
+                                                 "unfinished) | 1 |")
+    assert "lower end below 0 (few seeds, a wide spread) is shown as computed" in counted.markdown
 
 
 def test_format_table_baseline_must_match_one_row(table_runs):
@@ -359,17 +439,19 @@ def test_format_table_baseline_must_match_one_row(table_runs):
 def test_table1_quotes_baselines_and_unreproduced_rows(table_runs):
     table1 = tables.table1(table_runs, seeds_expected=5, exclude_flagged=True)
     a = table1["1a"].markdown.splitlines()
-    assert a[2] == "| model | glimpse_size | glimpses | test error (%) | n | flagged | published | Δ (pp) |"
+    assert a[2] == ("| model | glimpse_size | glimpses | test error (%): mean [95% t interval] | std (pp) | n "
+                    "| flagged | published | Δ (pp) |")
     ram = ((5, "1.55%"), (6, "1.29%"), (7, "1.47%"))
-    assert a[4:7] == [f"| RAM | 8 | {n} | — | — | — | {e} | — |" for n, e in ram]
+    assert a[4:7] == [f"| RAM | 8 | {n} | — | — | — | — | {e} | — |" for n, e in ram]
     assert a[7:] == [
-        "| STAWM (reproduced) | 8 | 8 | **0.41% ± 0.03** | 5 | 0 | 0.41% ± 0.03 | +0.00 |",
-        "| STAWM (reproduced) | 28 | 10 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 |"]
+        "| STAWM (reproduced) | 8 | 8 | **0.41% [0.38, 0.44]** | 0.03 | 5 | 0 | 0.41% ± 0.03 | +0.00 |",
+        "| STAWM (reproduced) | 28 | 10 | 0.51% [0.44, 0.58] | 0.03 | 3/5 (incomplete, 1 unfinished) | 1 "
+        "| 0.35% ± 0.02 | +0.16 |"]
     b = table1["1b"].markdown.splitlines()
     assert [r.split(" | ")[0] for r in b[4:]] == [
         "| DBM", "| Adversarial", "| Virtual Adversarial", "| Ladder", "| STAWM (self-supervised)"]
-    assert b[-1] == "| STAWM (self-supervised) | 6 | 12 | — | — | — | 0.77% | — |"
-    assert "\\begin{tabular}{lllrrrrr}" in table1["1b"].latex
+    assert b[-1] == "| STAWM (self-supervised) | 6 | 12 | — | — | — | — | 0.77% | — |"
+    assert "\\begin{tabular}{lllrrrrrr}" in table1["1b"].latex
 
 
 def test_published_constants():
@@ -384,8 +466,11 @@ def test_published_constants():
 
 def test_summary_is_the_csv_form(table_runs):
     out = tables.summary(stats.aggregate(table_runs, ["glimpse_channels"], seeds_expected=5))
-    assert list(out.columns) == ["glimpse_channels", "n", "test_error_mean", "test_error_std", "flagged", "complete",
+    assert list(out.columns) == ["glimpse_channels", "n", "test_error_mean", "test_error_t95_low",
+                                 "test_error_t95_high", "test_error_std", "flagged", "complete",
                                  "flagged_in_statistics"]
+    assert out[["test_error_t95_low", "test_error_t95_high"]].iloc[0].tolist() == pytest.approx(
+        [A_MEAN - A_HALF, A_MEAN + A_HALF], rel=1e-6)
     assert list(out["glimpse_channels"]) == ["[64, 128]", "[64, 128, 256]"] and list(out["n"]) == [5, 4]
     assert out["test_error_mean"].tolist() == pytest.approx([A_MEAN, BF_MEAN]) and out["flagged_in_statistics"].all()
     out = tables.summary(stats.aggregate(table_runs, ["glimpse_channels"], seeds_expected=5, exclude_flagged=True))
@@ -463,21 +548,23 @@ def test_plots_return_figures(hand_store, table_runs, tmp_path):
     legend = [t.get_text() for t in figs["ablation_delta"].axes[0].get_legend().get_texts()]
     assert legend == ["learnable_rates=False", "learnable_rates=True"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["each seed", "mean ± std (ddof=1)"]
+    assert legend == ["each seed", "mean [95% t interval]"]
     # the heat map outlines the cells at or above the threshold: delta = 1.5 (its finished runs 0.30, 0.30, 0.31)
     outlined = [p for a in figs["heatmaps"].axes for p in a.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
     assert len(outlined) == 1
 
 
 def test_ablation_ticks_are_the_swept_values_and_bars_the_table(hand_store, table_runs):
-    """One tick per value run (not 6.25, 6.5, ...); the bars are mean ± std (ddof=1) of `aggregate`."""
+    """One tick per value run (not 6.25, 6.5, ...); the bars are the 95% t interval of `aggregate`."""
     ax = plots.plot_ablation(table_runs, "glimpse_size", seeds_expected=5).axes[0]
     assert _ticks(ax) == ["8", "28"] and list(ax.get_xticks()) == [0, 1]
-    bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "std"]
+    bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "interval"]
     assert [(np.nanmin(y), np.nanmax(y)) for y in bars] == [
-        pytest.approx((100 * (A_MEAN - A_STD), 100 * (A_MEAN + A_STD))),
-        pytest.approx((100 * (BF_MEAN - BF_STD), 100 * (BF_MEAN + BF_STD)))]
-    assert "mean ± std (ddof=1) over 5 seeds" in ax.get_title() and "n=k/N where fewer" in ax.get_title()
+        pytest.approx((100 * (A_MEAN - A_HALF), 100 * (A_MEAN + A_HALF))),
+        pytest.approx((100 * (BF_MEAN - BF_HALF), 100 * (BF_MEAN + BF_HALF)))]
+    title = " ".join(ax.get_title().split())
+    assert "mean [95% t interval] over 5 seeds" in title and "n=k/N where fewer" in title
+    assert "categorical axis" in title
     assert "n=4/5" in [t.get_text() for t in ax.texts]
     rates = store.load_runs("rates", hand_store["uri"])
     ax = plots.plot_ablation(rates, "delta", seeds_expected=2, hue="learnable_rates", exclude_flagged=True).axes[0]
@@ -488,7 +575,7 @@ def test_ablation_ticks_are_the_swept_values_and_bars_the_table(hand_store, tabl
 
 
 def test_ablations_draw_into_the_axes_given(table_runs):
-    """Two ablations side by side in the caller's figure: each panel's means and ± std bars are those
+    """Two ablations side by side in the caller's figure: each panel's means and 95% t interval bars are those
     of its runs (worked out here from the frame), and no figure of their own is made."""
     import matplotlib.pyplot as plt
 
@@ -508,9 +595,10 @@ def test_ablations_draw_into_the_axes_given(table_runs):
             assert _ticks(ax) == ["8", "28"], key
             (means,) = [line.get_ydata() for line in ax.lines if line.get_gid() == "mean"]
             assert list(means) == pytest.approx([e.mean() for e in errors]), key
-            bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "std"]
+            bars = [line.get_ydata() for line in ax.lines if line.get_gid() == "interval"]
+            half = [scipy.stats.t.ppf(0.975, len(e) - 1) * e.std(ddof=1) / math.sqrt(len(e)) for e in errors]
             assert [(np.nanmin(y), np.nanmax(y)) for y in bars] == [
-                pytest.approx((e.mean() - e.std(ddof=1), e.mean() + e.std(ddof=1))) for e in errors], key
+                pytest.approx((e.mean() - h, e.mean() + h)) for e, h in zip(errors, half)], key
             seeds = sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == "seed")
             assert seeds == sum(len(e) for e in errors), key
         crosses = [[len(c.get_offsets()) for c in ax.collections if c.get_gid() == "flagged (left out)"]
@@ -531,15 +619,34 @@ def test_single_epoch_curves_show_a_point(hand_store, table_runs):
     drawn = [line for line in ax.lines if len(line.get_xdata()) == 1]
     assert drawn and drawn[0].get_marker() == "o" and drawn[0].get_ydata()[0] == pytest.approx(100 * A_MEAN)
     assert ax.get_xlim()[0] < 1 < ax.get_xlim()[1]
-    assert "mean ± std (ddof=1) over 5 seeds per line" in ax.get_title()
+    assert "mean [95% t interval] over 5 seeds per line" in ax.get_title()
 
 
 def test_condition_map_ticks_are_the_rates_run(hand_store):
     rates = store.load_runs("rates", hand_store["uri"])
-    fig = stability_plots.plot_condition_map(rates)
+    fixed = rates[~rates["learnable_rates"]]
+    fig = stability_plots.plot_condition_map(fixed)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert list(ax.get_xticks()) == [0.2, 1.5] and list(ax.get_yticks()) == [rates["eta"].iloc[0]]
-    assert ax.get_title() == f"θ = {rates['theta'].iloc[0]:g}" and "8 runs" in fig._suptitle.get_text()
+    assert ax.get_title() == f"θ = {rates['theta'].iloc[0]:g}" and "4 runs" in fig._suptitle.get_text()
+
+
+def test_maps_place_learned_runs_at_their_final_rates(hand_store):
+    """The hand store's learnable runs drift by 0.05 per epoch over 3 epochs: each stands at its start + 0.15 (where
+    its conditions were last checked), with an arrow from its start; fixed runs stay at their configured rates."""
+    rates = store.load_runs("rates", hand_store["uri"])
+    placed = stability_plots.placed_rates(rates)
+    learns = rates["learnable_rates"].astype(bool)
+    finished = learns & (rates["status"] == "FINISHED")
+    assert placed.loc[finished, "x"].tolist() == pytest.approx((rates.loc[finished, "delta"] + 0.15).tolist())
+    assert placed.loc[finished, "y"].tolist() == pytest.approx((rates.loc[finished, "eta"] + 0.15).tolist())
+    assert placed.loc[finished, "learned"].all() and not placed.loc[~learns, "learned"].any()
+    assert placed.loc[~learns, "x"].tolist() == rates.loc[~learns, "delta"].tolist()
+    fig = stability_plots.plot_outcome_map(rates, outcomes.measure(rates))
+    (ax,) = [a for a in fig.axes if a.get_title()]
+    arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None]
+    assert len(arrows) == 2  # two starts (delta 0.2, 1.5), each seed's drift the same: one arrow per start
+    assert "stand at their final δ, η" in " ".join(fig._suptitle.get_text().split())
 
 
 # --- the report command and the notebooks -------------------------------------------------------
@@ -557,14 +664,16 @@ def test_report_end_to_end(hand_store, tmp_path):
     done = _report("--study", "rates", "--tracking-uri", hand_store["uri"], "--out", str(out),
                    "--cache-dir", str(tmp_path / "cache"), "--baseline", "delta=0.2,learnable_rates=False")
     assert done.returncode == 0, done.stderr
-    expected = {"table.md", "table.tex", "summary.csv", "runs.csv", "predictions.md", "predictions.csv"} | {
+    expected = {"table.md", "table.tex", "summary.csv", "runs.csv", "predictions.md", "predictions.csv",
+                "comparisons.md", "comparisons.csv", "degraded_sweep.csv"} | {
         f"{n}.{e}" for n in ("ablation_delta", "ablation_learnable_rates", "curves_test_error", "condition_map",
-                             "outcome_map", "error_heatmaps", "error_by_rate", "rate_trajectories")
+                             "outcome_map", "error_heatmaps", "error_by_rate", "rate_trajectories", "degraded_sweep")
         for e in ("png", "svg")}
     assert {p.name for p in out.iterdir()} == expected
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == ["delta", "learnable_rates", "n", "test_error_mean", "test_error_std",
-                                     "flagged", "complete", "flagged_in_statistics"]
+    assert list(summary.columns) == ["delta", "learnable_rates", "n", "test_error_mean", "test_error_t95_low",
+                                     "test_error_t95_high", "test_error_std", "flagged", "complete",
+                                     "flagged_in_statistics"]
     # delta = 1.5 is flagged (decay) and counted; its diverged run FAILED: unfinished, left out
     assert list(summary["n"]) == [2, 2, 1, 2] and list(summary["flagged"]) == [0, 0, 2, 2]
     # no stability artifacts in this store: the conditions re-checked on the rates; decay flags delta = 1.5,
@@ -575,7 +684,19 @@ def test_report_end_to_end(hand_store, tmp_path):
             decay["neither"]) == (1, 3, 0, 4) and decay["precision"] == 0.25 and decay["recall"] == 1.0
     assert summary["test_error_mean"].iloc[0] == pytest.approx(0.205)  # (0.20 + 0.21) / 2
     assert summary["test_error_std"].iloc[0] == pytest.approx(0.01 / math.sqrt(2))
-    assert "| 0.2 | False | **20.50% ± 0.71** | 2 | 0 | baseline |" in (out / "table.md").read_text()
+    # two seeds: 0.205 ± t_{0.975, 1} · 0.005 = 0.205 ± 12.7062047 · 0.005 = [0.14147, 0.26853]
+    assert "| 0.2 | False | **20.50% [14.15, 26.85]** | 0.71 | 2 | 0 | baseline |" in (out / "table.md").read_text()
+    # the comparisons that apply: per learnable_rates, delta > 1 against delta <= 0.2 (theta = 0.5 > 0), and
+    # learnable against fixed at each delta; the diverged run has no final error: left out, and said
+    compared = pd.read_csv(out / "comparisons.csv")
+    row = compared[(compared["comparison"] == "delta > 1 against delta <= 0.2")
+                   & compared["scope"].str.startswith("learnable_rates=False")].iloc[0]
+    assert compared["comparison"].str.endswith("(the configured start of learned rates)").sum() == 2  # learnable
+    assert (row["runs_a"], row["n_a"], row["runs_b"], row["n_b"], row["left_out"]) == (2, 1, 2, 2, 1)
+    assert "1 not finished (FAILED: 1)" in row["why"]
+    assert len(compared[compared["comparison"] == "learnable against fixed rates"]) == 2
+    sweep = pd.read_csv(out / "degraded_sweep.csv")
+    assert sorted(set(sweep["factor"])) == [1.1, 1.25, 1.5, 2.0, 3.0, 5.0]
     logged = {f.path for f in MlflowClient(hand_store["uri"]).list_artifacts(hand_store["ids"]["rates"], "report")}
     assert logged == {f"report/{name}" for name in expected}
 
@@ -586,16 +707,19 @@ def test_report_table_study_compares_with_the_paper(hand_store, tmp_path):
     assert main(["--study", "table", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path), "--no-curves",
                  "--no-log"]) == 0
     md = (tmp_path / "table.md").read_text()
-    assert "| mnist-class-28 | 1.13% ± 1.25 | 4/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.78 |" in md
+    assert ("| mnist-class-28 | 1.13% [-0.85, 3.11] | 1.25 | 4/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 "
+            "| +0.78 |") in md
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert summary.to_dict("list") == {
-        "preset": ["mnist-class-28", "mnist-class-8"], "n": [4, 5],
-        "test_error_mean": pytest.approx([BF_MEAN, A_MEAN]), "test_error_std": pytest.approx([BF_STD, A_STD]),
+        "preset": ["mnist-class-28", "mnist-class-8"], "n": [4, 5], "test_error_mean": pytest.approx([BF_MEAN, A_MEAN]),
+        "test_error_t95_low": pytest.approx([BF_MEAN - BF_HALF, A_MEAN - A_HALF], rel=1e-6),
+        "test_error_t95_high": pytest.approx([BF_MEAN + BF_HALF, A_MEAN + A_HALF], rel=1e-6),
+        "test_error_std": pytest.approx([BF_STD, A_STD]),
         "flagged": [1, 0], "complete": [False, True], "flagged_in_statistics": [True, True]}
     assert main(["--study", "table", "--tracking-uri", hand_store["uri"], "--out", str(tmp_path), "--no-curves",
                  "--no-log", "--exclude-flagged"]) == 0
-    assert "| mnist-class-28 | 0.51% ± 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 | +0.16 |" in (
-        tmp_path / "table.md").read_text()
+    assert ("| mnist-class-28 | 0.51% [0.44, 0.58] | 0.03 | 3/5 (incomplete, 1 unfinished) | 1 | 0.35% ± 0.02 "
+            "| +0.16 |") in (tmp_path / "table.md").read_text()
     assert list(pd.read_csv(tmp_path / "summary.csv")["flagged_in_statistics"]) == [False, False]
 
 
@@ -734,9 +858,10 @@ def test_notebook_kernel_is_this_interpreter(tmp_path):
 NOTEBOOKS = {  # notebook: (study, files it must write)
     "table1": ("table", {"table1a.md", "table1a.tex", "table1b.md", "table1b.tex"}),
     "ablations": ("rates", {"ablation_delta.png", "ablation_delta.svg", "ablation_learnable_rates.png",
-                            "curves_test_error.png"}),
+                            "curves_test_error.png", "comparisons.csv"}),
     "stability": ("rates", {"condition_map.png", "outcome_map.svg", "error_heatmaps.png", "error_by_rate.png",
-                            "predictions.csv", "degraded_sweep.csv", "rate_trajectories.png"}),
+                            "predictions.csv", "degraded_sweep.csv", "degraded_sweep.png", "comparisons.csv",
+                            "rate_trajectories.png"}),
 }
 
 

@@ -25,7 +25,8 @@ def flagging(activation, delta, eta, theta):
 
 def test_each_condition_names_its_source_as_notes_does():
     sources = {name: c.source for name, c in CONDITIONS.items()}
-    assert sources == {"activation": PAPER, "stationary_input": PAPER, "rates": READING, "writes": PAPER,
+    # writes: Section 3.1's sentence (with theta = 0 'nothing can be learned'), not one of Appendix A's conditions
+    assert sources == {"activation": PAPER, "stationary_input": PAPER, "rates": READING, "writes": READING,
                        "eta_gt_delta": READING, "decay": DERIVED}
     assert [n for n, c in CONDITIONS.items() if c.informational] == ["stationary_input", "eta_gt_delta"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -247,14 +248,109 @@ def test_search_quick_repeats_each_suggestion_over_seeds_then_reruns_the_best_ov
         assert schema.TEST_ERROR in run.data.metrics and schema.VAL_ERROR not in run.data.metrics
 
 
+def tune_reports(experiment: Path) -> dict[str, list[dict]]:
+    """What Tune saw of each trial of a Ray experiment folder: its reports in order (the trial's result.json)."""
+    reports = {}
+    for path in experiment.glob("trainable_*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        reports[lines[0]["trial_id"]] = lines
+    return reports
+
+
 @pytest.mark.slow
-def test_glimpse_count_quick(shared_ray_studies):
-    shared_ray_studies.stdout("glimpse_count")
-    client, parent, children = study_runs(shared_ray_studies.uri, "glimpse_count")
-    assert parent.data.params[schema.SWEPT] == "glimpses" and parent.data.params[schema.SEEDS] == "1"
-    assert sorted(int(c.data.params["glimpses"]) for c in children) == [2, 4]
+def test_search_asha_stops_whole_configurations_on_their_seeds_mean(shared_ray_studies):
+    # search.py --quick --asha --samples 3 --epochs 2 --asha-reduction-factor 2 (quick_studies.STUDIES)
+    shared_ray_studies.stdout("search --asha")
+    client, parent, children = study_runs(shared_ray_studies.uri, "search-asha-search")
+    params = parent.data.params  # every number below comes from the flags the parent run recorded
+    assert params["asha"] == "True"
+    seeds, samples, epochs = int(params[schema.SEEDS]), int(params["samples"]), int(params["epochs"])
+    grace, factor = int(params["asha_grace_period"]), float(params["asha_reduction_factor"])
+    # ASHA's rungs (Ray's ASHAScheduler): epochs grace x factor^k, below max_t = epochs
+    rungs = sorted({math.ceil(grace * factor**k) for k in range(epochs) if grace * factor**k < epochs})
+    assert seeds > 1 and rungs, "the lane must give ASHA something to judge"
+
+    trials = {}  # Tune trial id -> its MLflow runs, one per seed
     for child in children:
-        assert child.data.params["seed"] == "0" and epochs_logged(client, child) == [1]
+        trials.setdefault(child.data.tags[schema.TRIAL_ID], []).append(child)
+    reports = tune_reports(shared_ray_studies.storage / "search-asha-search")
+    assert len(trials) == samples and set(reports) == set(trials)  # one Tune trial per suggestion
+    last_epoch, last_mean, mean_at = {}, {}, {}
+    for trial_id, runs in trials.items():
+        # every trial trained all the seeds: one run each, members 0..S-1, one configuration
+        assert sorted(int(r.data.tags[schema.MEMBER]) for r in runs) == list(range(seeds))
+        assert sorted(int(r.data.params["seed"]) for r in runs) == list(range(seeds))
+        assert len({tuple(r.data.params[k] for k in SEARCH_SPACE) for r in runs}) == 1
+        curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, schema.VAL_ERROR)} for r in runs]
+        last = max(curves[0])
+        assert all(sorted(curve) == list(range(1, last + 1)) for curve in curves)  # all seeds to the same epoch
+        # stopped early: every seed's run or none, only at a rung
+        assert {r.data.tags.get(schema.STOPPED_EARLY) == schema.TRUE for r in runs} == {last < epochs}
+        assert last == epochs or last in rungs
+        # what Tune (and so ASHA) saw each epoch: the seeds' mean, one result for the whole configuration
+        assert [r["training_iteration"] for r in reports[trial_id]] == list(range(1, last + 1))
+        for report in reports[trial_id]:
+            epoch = report["training_iteration"]
+            assert report[schema.VAL_ERROR] == pytest.approx(statistics.fmean(c[epoch] for c in curves), abs=1e-9)
+        mean_at[trial_id] = {r["training_iteration"]: r[schema.VAL_ERROR] for r in reports[trial_id]}
+        last_epoch[trial_id], last_mean[trial_id] = last, mean_at[trial_id][last]
+
+    # ASHA's decisions replayed on those means (--max-concurrent 1: trials reach a rung in the order they started):
+    # at a rung a configuration stops if its mean is worse than the (1 - 1/factor) quantile of the ones before it
+    order = sorted(trials, key=lambda t: min(r.info.start_time for r in trials[t]))
+    recorded = {rung: [] for rung in rungs}
+    for trial_id in order:
+        reward = {r["training_iteration"]: -r[schema.VAL_ERROR] for r in reports[trial_id]}  # mode="min"
+        expected = epochs
+        for rung in rungs:
+            before = list(recorded[rung])
+            recorded[rung].append(reward[rung])
+            if before and reward[rung] < np.nanpercentile(before, (1 - 1 / factor) * 100):
+                expected = rung
+                break
+        assert last_epoch[trial_id] == expected, trial_id
+
+    # Optuna: one trial per suggestion (not per seed), told the seeds' mean each epoch and at the end
+    storage = f"sqlite:///{Path(shared_ray_studies.uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    searched = optuna.load_study(study_name="search-asha-search", storage=storage)
+    assert len(searched.trials) == samples
+    by_config = {tuple(trials[t][0].data.params[k] for k in SEARCH_SPACE): t for t in trials}
+    for trial in searched.trials:
+        trial_id = by_config[tuple(str(trial.params[k]) for k in SEARCH_SPACE)]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.value == pytest.approx(last_mean[trial_id], abs=1e-9)
+        for epoch, value in trial.intermediate_values.items():  # its epochs' means, as Tune passed them on
+            assert epoch <= last_epoch[trial_id] and value == pytest.approx(mean_at[trial_id][epoch], abs=1e-9)
+
+    # stage 2: the lowest last mean, rerun over fresh seeds
+    best = min(last_mean, key=last_mean.get)
+    _, _, rerun = study_runs(shared_ray_studies.uri, "search-asha")
+    assert sorted(int(r.data.params["seed"]) for r in rerun) == list(range(100, 100 + seeds))
+    for run in rerun:
+        assert tuple(run.data.params[k] for k in SEARCH_SPACE) == tuple(trials[best][0].data.params[k]
+                                                                         for k in SEARCH_SPACE)
+        assert epochs_logged(client, run) == list(range(1, epochs + 1)) and schema.TEST_ERROR in run.data.metrics
+
+
+@pytest.mark.slow
+def test_glimpse_count_quick_then_a_second_seed_for_each_n(shared_ray_studies):
+    """Launched with one seed, then resumed with --seeds 2: each N gains exactly its seed-1 run, in a Ray experiment of
+    its own, under the same parent; the seed-0 runs are left as they were (never reopened)."""
+    shared_ray_studies.stdout("glimpse_count")
+    added = shared_ray_studies.stdout("glimpse_count --seeds 2 --resume")
+    assert "adding seeds 1..1 to every configuration" in added
+    client, parent, children = study_runs(shared_ray_studies.uri, "glimpse_count")
+    assert parent.data.params[schema.SWEPT] == "glimpses" and parent.data.params[schema.SEEDS] == "1"  # as first run
+    assert parent.data.tags[schema.SEEDS_NOW] == "2"
+    assert parent.data.tags[schema.SEEDS_ADDED] == "1-1:glimpse_count-seeds1-1"
+    assert sorted((int(c.data.params["glimpses"]), int(c.data.params["seed"])) for c in children) == [
+        (2, 0), (2, 1), (4, 0), (4, 1)]
+    first = [c for c in children if c.data.params["seed"] == "0"]
+    second = [c for c in children if c.data.params["seed"] == "1"]
+    assert max(c.info.end_time for c in first) < min(c.info.start_time for c in second)
+    assert (shared_ray_studies.storage / "glimpse_count-seeds1-1").is_dir()
+    for child in children:
+        assert epochs_logged(client, child) == [1] and child.info.status == "FINISHED"
         assert child.data.tags[schema.STABILITY_OK] == "true" and 0 <= child.data.metrics[schema.TEST_ERROR] <= 1
 
 

@@ -54,6 +54,9 @@ class StudyFlags(TrackingFlags):
     name: Annotated[str, flag(unset="the script's name")] = ""
     seeds: Annotated[PositiveInt, flag(unset="5; 2 with --quick")] = 0  # seeds per configuration: 0..SEEDS-1
     quick: bool = False  # small mode: tiny preset on mnist-sample, 1 epoch, 2 seeds, a small grid
+    # run provably stuck runs to their last epoch too (the config's stop_stuck=False; by default such a run stops
+    # after the epoch that shows it, stawm.conditions.provably_stuck)
+    no_early_stop: bool = False
     # continue the study of this --name: unfinished and errored trials resume from their checkpoints, into their
     # own MLflow runs
     resume: bool = False
@@ -61,6 +64,11 @@ class StudyFlags(TrackingFlags):
         unset=f"${BUDGET_ENV} or {DEFAULT_BUDGET_S:.0f}",
         help="seconds a trial keeps training while the tracking server does not answer, its epochs queued and "
              "logged when it answers again; past it the trial fails, its epochs kept for --resume")] = 0.0
+    # print the study's plan (trials, seconds per epoch and from where, concurrency, wall time, device-hours) and exit
+    # 0 without starting a trial
+    plan: bool = False
+    # price of one device-hour (a GPU-hour, or a CPU-core-hour when trials get no GPU): adds the cost to the plan
+    price_per_hour: Annotated[NaturalFloat, flag(unset="none", metavar="X")] = 0.0
 
 
 @dataclass
@@ -142,7 +150,8 @@ def parse_args(description: str, *, preset: str, argv: list[str] | None = None, 
             raise ValueError("--device cuda needs --gpus-per-trial > 0 (Ray hides GPUs from trials that ask none)")
         args.tracking_outage_budget = args.tracking_outage_budget or budget_from_env()
         quick = {"dataset": QUICK["dataset"], "epochs": QUICK["epochs"]} if args.quick else {}
-        changes = {**quick, **args.configuration.changes()}
+        no_early_stop = {"stop_stuck": False} if args.no_early_stop else {}
+        changes = {**quick, **no_early_stop, **args.configuration.changes()}
         args.changes, args.config = changes, preset_config(args.preset, changes)
         args.tracking_uri = args.tracking_uri or shared.default_tracking_uri()
         args.storage = args.storage or os.path.abspath("ray_results")

@@ -6,9 +6,12 @@ after each epoch (`epoch`, which returns what Tune is told), once the epoch's ch
 member of a trial (one per seed it trains) keeps its own run. Behind the interface: the outbox that rides out a
 tracking server that does not answer (`stawm.study.outbox`), with its outage budget, and the verdict tags.
 
-A diverged member stops after its diverged epoch: its run ends FINISHED and flagged, and the other members go
-on. An exception ends the open runs FAILED (Tune retries the trial); Tune stopping the trial (a scheduler's
-decision, raised as SystemExit inside `tune.report`) ends them FINISHED, marked as stopped early.
+A member that stops on its own (its record's stop_reason: diverged, or its memory provably stuck) ends its run
+FINISHED after that epoch, tagged why and when (schema.STOP_REASON, STOP_EPOCH, STOP_MAX_ABS_W; a stuck one's
+FINAL_ERROR says its final test error is the last one measured), and the other members go on. An exception
+ends the open runs FAILED (Tune retries the trial); Tune stopping the trial (a scheduler's decision, raised as
+SystemExit inside `tune.report`) ends them FINISHED, marked as stopped early (not the members that had stopped
+on their own).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 
 from .. import schema
 from ..config import Config
@@ -35,7 +39,7 @@ class Member:
     cfg: Config
     run_id: str
     resumed: bool  # the run existed: a retried or restored trial goes on in it
-    state: dict  # its stability report, best test error, whether it stopped (saved in each checkpoint)
+    state: dict  # its stability report, best test error, whether and why it stopped (saved in each checkpoint)
     open: bool = True  # its run is RUNNING
 
 
@@ -115,8 +119,9 @@ class RunRecorder:
                 if member.open:
                     self.server.wait_call(self._close, member, "FINISHED", doing="waits to close its runs")
         elif issubclass(kind, SystemExit):  # Tune stopped the trial inside tune.report: not a failure
-            for member in self.members:
-                self._close_now(member, "FINISHED", stopped_early=self.last_epoch < member.cfg.epochs)
+            for member in self.members:  # a member that had stopped on its own was not stopped by Tune
+                self._close_now(member, "FINISHED", stopped_early=self.last_epoch < member.cfg.epochs
+                                and not member.state.get("stopped"))
         else:
             for member in self.members:
                 self._close_now(member, "FAILED")
@@ -124,8 +129,8 @@ class RunRecorder:
 
     def _member_epoch(self, member: Member, record: dict | None) -> dict:
         """A member's epoch into the outbox (once) and its state; returns what Tune would see of it alone."""
-        if record is None:  # stopped in an earlier epoch: it diverged
-            return tune_metrics({}, {"stability": member.state["stability"], "diverged": True}, member.cfg)
+        if record is None:  # stopped in an earlier epoch
+            return stopped_metrics(member.state, member.cfg)
         metrics, member.state = member_epoch(record, member.state)
         self.box.add(member.run_id, self.last_epoch, metrics, record["stability"])
         return tune_metrics(metrics, record, member.cfg)
@@ -133,6 +138,8 @@ class RunRecorder:
     def _close(self, member: Member, status: str, **kwargs) -> None:
         """End the member's run if it is still open, its verdict in the tags."""
         if member.open:
+            if tags := stop_tags(member.state):  # before the close: a retried close logs them again, harmlessly
+                self.box.client.log_batch(member.run_id, tags=tags)
             tracking.close_run(self.box.client, member.run_id, member.state["stability"], status, **kwargs)
             member.open = False
 
@@ -144,8 +151,9 @@ class RunRecorder:
             self.server.try_call(self._close, member, status, **kwargs)
 
     def _close_stopped(self) -> None:
-        """Close the runs of members that stopped (diverged) once their epochs are logged: FINISHED, their verdict
-        in the tags. While the server does not answer they stay open, and close at a later epoch or the end."""
+        """Close the runs of members that stopped (diverged or stuck) once their epochs are logged: FINISHED, their
+        verdict and why they stopped in the tags. While the server does not answer they stay open, and close at a
+        later epoch or the end."""
         for member in self.members:
             if member.open and member.state.get("stopped") and self.box.flush():
                 self.server.try_call(self._close, member, "FINISHED")
@@ -155,16 +163,52 @@ class RunRecorder:
 
 
 def member_epoch(record: dict, member: dict) -> tuple[dict, dict]:
-    """A member's epoch metrics (numeric fields + BEST_TEST_ERROR) and its state after the epoch."""
+    """A member's epoch metrics (numeric fields + BEST_TEST_ERROR) and its state after the epoch: with a stop, why
+    and when it stopped, and for a stuck one the errors it keeps reporting (`stopped_metrics`)."""
     metrics = {k: float(v) for k, v in record.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
     best = [v for v in (metrics.get(schema.TEST_ERROR, math.nan), member.get(schema.BEST_TEST_ERROR, math.nan))
             if math.isfinite(v)]
     if best:
         metrics[schema.BEST_TEST_ERROR] = min(best)
-    member = {"stability": record["stability"], "stopped": record["diverged"],
+    reason = stop_reason(record)
+    member = {"stability": record["stability"], "stopped": reason is not None,
               **{k: metrics[k] for k in (schema.BEST_TEST_ERROR,) if k in metrics}}
+    if reason is not None:
+        member["stop"] = {"reason": reason, "epoch": record["epoch"], "max_abs_w": record["max_abs_w"]}
+    if reason == "stuck":
+        member["last_measured"] = {k: metrics[k] for k in (*schema.ERROR_METRICS, schema.BEST_TEST_ERROR)
+                                   if k in metrics}
     return metrics, member
+
+
+def stop_reason(record: dict) -> str | None:
+    """Why the member stopped after this record's epoch (the loop's stop_reason), or None."""
+    return record.get("stop_reason") or ("diverged" if record["diverged"] else None)
+
+
+def stop_tags(state: dict) -> list[RunTag]:
+    """The tags of a member that stopped on its own, from its state: why, after which epoch, W's largest entry
+    then, and for a stuck one that its final test error is the last measured; none for a member that goes on
+    (or a state saved before stops had reasons)."""
+    stop = state.get("stop")
+    if stop is None:
+        return []
+    tags = [RunTag(schema.STOP_REASON, stop["reason"]), RunTag(schema.STOP_EPOCH, str(stop["epoch"])),
+            RunTag(schema.STOP_MAX_ABS_W, str(stop["max_abs_w"]))]
+    if stop["reason"] == "stuck":
+        tags.append(RunTag(schema.FINAL_ERROR, schema.FINAL_ERROR_LAST_MEASURED))
+    return tags
+
+
+def stopped_metrics(state: dict, cfg: Config) -> dict:
+    """What Tune sees of a member in the epochs after it stopped: a diverged one, an error of 1 (`tune_metrics`);
+    a stuck one, its last measured errors (later epochs could only train its read-out on a constant input:
+    stawm.conditions.provably_stuck), counted in the trial's mean as any other member's."""
+    stop = state.get("stop", {"reason": "diverged"})  # a state saved before stops had reasons: it diverged
+    stuck = stop["reason"] == "stuck"
+    record = {"stability": state["stability"], "diverged": not stuck, "stop_reason": stop["reason"]}
+    return tune_metrics(state.get("last_measured", {}) if stuck else {}, record, cfg)
 
 
 def tune_metrics(metrics: dict, record: dict, cfg: Config) -> dict:
@@ -175,7 +219,8 @@ def tune_metrics(metrics: dict, record: dict, cfg: Config) -> dict:
     """
     report = record["stability"]
     result = {**metrics, "stability_ok": report["ok"], "stability_flags": ",".join(report["failed"]),
-              "static_ok": report["static_ok"], "diverged": report["diverged"]}
+              "static_ok": report["static_ok"], "diverged": report["diverged"],
+              "stuck": record.get("stop_reason") == "stuck"}
     if record["diverged"] and cfg.task != "draw":
         for key in schema.ERROR_METRICS if cfg.validation_size > 0 else schema.ERROR_METRICS[:1]:
             result.setdefault(key, 1.0)
@@ -186,9 +231,11 @@ def tune_report(results: list[dict], seeds: list[int]) -> dict:
     """What Tune sees of a trial, from what each member alone would report (`tune_metrics`).
 
     Each number every member has, averaged over the members, and with several members each error metric
-    per seed beside it (`test_error_seed3`). A member that stopped counts as diverged (error 1), as its own trial
-    would: averaged over the live members only, a configuration would look better as its seeds diverge. The
-    verdict holds for all: stable only if every member is, diverged once every member has.
+    per seed beside it (`test_error_seed3`). A member that diverged counts as wrong on every image (error 1) in
+    every later epoch, as its own trial would: averaged over the live members only, a configuration would look
+    better as its seeds diverge. A member that stopped stuck keeps its last measured errors in the mean, as its
+    own trial's last report would (`stopped_metrics`). The verdict holds for all: stable only if every member
+    is, diverged once every member has.
     """
     numbers = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                and all(k in r for r in results)]
@@ -198,4 +245,4 @@ def tune_report(results: list[dict], seeds: list[int]) -> dict:
     flags = sorted({flag for r in results for flag in r["stability_flags"].split(",") if flag})
     return {**report, "stability_ok": all(r["stability_ok"] for r in results), "stability_flags": ",".join(flags),
             "static_ok": all(r["static_ok"] for r in results), "diverged": all(r["diverged"] for r in results),
-            "members_diverged": sum(r["diverged"] for r in results)}
+            "members_diverged": sum(r["diverged"] for r in results), "members_stuck": sum(r["stuck"] for r in results)}

@@ -6,14 +6,15 @@ A study (studies/*.py) reads top to bottom:
     args = runner.parse_args(__doc__, preset="mnist-class-8", argv=argv)  # flags, validated before Ray starts
     grid = {"glimpse_size": [6, 8, 12, 16, 28]}
     runner.check_grid(args, grid)                                  # every combination is a valid Config
-    study = runner.start_study(args, swept=list(grid))             # Ray up, storage checked, MLflow parent run
+    plan = runner.plan(args, configurations=5)                     # trials x epochs x s/epoch: --plan stops here
+    study = runner.start_study(args, swept=list(grid), plan=plan)  # Ray up, storage checked, MLflow parent run
     space = {"glimpse_size": tune.grid_search(grid["glimpse_size"]),
              **runner.seed_space(args)}                            # a seed grid, or with --fuse-seeds `seeds`
     trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
                                     runner.resources(args))        # what is not searched: the TrialContext
     tuner = runner.restored(args, trainable) or tune.Tuner(        # --resume continues a saved study
         trainable, param_space=space, tune_config=runner.tune_config(args), run_config=runner.run_config(args))
-    return runner.finish_study(study, tuner.fit())                 # one line per trial, where to look
+    return runner.finish_study(study, tuner.fit())                 # one line per trial, the plan against it
 
 Each job has its module, and this one gathers what a study needs of them (`__all__`):
 - `flags`: the shared flags and their validation, grids, variants and the seed axis;
@@ -21,13 +22,16 @@ Each job has its module, and this one gathers what a study needs of them (`__all
 - `trial`: the trainable, one Tune trial (its config: what the study sweeps; the rest: its `TrialContext`);
 - `tune_checkpoints`: the trial's checkpoints on Tune's storage, resume from the newest;
 - `gpu_share`: --gpus-per-trial auto and the per-trial CUDA memory cap;
+- `plan`: what a launch will run and take (trials, s/epoch and its source, concurrency, hours), before its trials;
 - `preflight`, `cluster`: what is checked before Ray starts, and the Ray cluster's shape.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -38,13 +42,15 @@ from ray import tune
 from .. import provenance, schema, store_uri
 from ..train import CHECKPOINT
 from . import cluster, gpu_share, outbox, preflight, resume, tracking
+from . import plan as plans
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, seed_space, seeds, variant
 from .context import TrialContext
+from .plan import Plan
 from .trial import member_seeds, trainable, trial_config
 from .tune_checkpoints import checkpoint_uri, read_state
 
 __all__ = ["Study", "StudyArgs", "TrialContext", "best_configs", "check_grid", "checkpoint_file", "finish_study",
-           "parse_args", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
+           "parse_args", "plan", "resources", "restored", "run_config", "seed_space", "seeds", "start_study",
            "trainable", "tune_config", "variant"]
 
 
@@ -54,6 +60,8 @@ class Study:
     names the study's experiment, parent run and store."""
 
     context: TrialContext
+    plan: Plan | None = None  # what `plan` expected of this launch: set against what it took in the closing summary
+    started: float = field(default_factory=time.monotonic)  # once its parent run is open: the plan's wall time starts
 
     @property
     def name(self) -> str:  # MLflow experiment and the parent run's STUDY tag
@@ -72,21 +80,18 @@ class Study:
         return self.context.tracking_uri
 
 
-def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, fixed: dict | None = None) -> Study:
+def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, fixed: dict | None = None,
+                plan: Plan | None = None) -> Study:
     """Connect Ray (RAY_ADDRESS: join that cluster; else start one on this machine), check the storage and the
     tracking store for the cluster's shape (what it can grow to), write a probe artifact, and create (or, with
     --resume, reopen) the study's MLflow parent run. `fixed`: Config fields this study sets for every trial on
-    top of the flags' base config (not searched, so not in its param_space)."""
+    top of the flags' base config (not searched, so not in its param_space). `plan`: this launch's (`plan`),
+    logged on the parent run."""
     name = name or args.name
     outbox.bound_client_retries()  # before Ray starts: local trials inherit it
     client = MlflowClient(args.tracking_uri)
     found, added_seeds = _resumed_study(args, client, swept, name) if args.resume else (None, {})
-    if not ray.is_initialized():
-        env = {"MLFLOW_TRACKING_URI": args.tracking_uri,
-               # trials import stawm: from this checkout when it is not installed on the nodes
-               "PYTHONPATH": os.pathsep.join(p for p in (str(provenance.PROJECT_ROOT), os.environ.get("PYTHONPATH"))
-                                             if p)}
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
+    _connect_ray(args)
     try:  # the checks that need Ray up: the cluster's shape, its GPUs; and the store's artifacts
         shape = cluster.shape()
         if shape.multi_node:
@@ -117,7 +122,19 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, f
         outage_budget_s=args.tracking_outage_budget, git_commit=commit, git_dirty=dirty, source=source,
         data_root=args.data_root, device=args.device, gpu_fraction=float(args.gpus_per_trial),
         gpu_overhead_mb=args.gpu_choice.get("probe_overhead_mb", 0.0), fuse_seeds=args.fuse_seeds)
-    return Study(context)
+    if plan is not None:
+        plan.log(client, parent)
+    return Study(context, plan)
+
+
+def _connect_ray(args: StudyArgs) -> None:
+    """Join the Ray cluster named by RAY_ADDRESS, else start one on this machine; nothing if Ray is up already."""
+    if not ray.is_initialized():
+        env = {"MLFLOW_TRACKING_URI": args.tracking_uri,
+               # trials import stawm: from this checkout when it is not installed on the nodes
+               "PYTHONPATH": os.pathsep.join(p for p in (str(provenance.PROJECT_ROOT), os.environ.get("PYTHONPATH"))
+                                             if p)}
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
 
 
 def _resumed_study(args: StudyArgs, client: MlflowClient, swept: list[str], name: str) -> tuple:
@@ -141,6 +158,104 @@ def _resumed_study(args: StudyArgs, client: MlflowClient, swept: list[str], name
         return found, resume.plan_seeds(args, name, found.data.tags, found.data.params)
     except resume.ResumeRefused as err:
         fail(str(err))
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+def plan(args: StudyArgs, configurations: int, *, seeds: list[int] | None = None, fused: bool | None = None,
+         stages: list[int] | None = None, name: str | None = None, fixed: dict | None = None,
+         max_concurrent: int = 0, last: bool = True) -> Plan:
+    """This launch's plan (`stawm.study.plan`), printed: `configurations` x `seeds` trials (default: `seeds(args)`, the
+    seeds this launch trains), or one per configuration when `fused` (default: --fuse-seeds). `stages`: trials per
+    stage when a stage waits for the one before (default: one); `name`, `fixed`: as start_study's; `max_concurrent`: a
+    cap the study sets besides --max-concurrent. With --plan, exits 0 once the `last` plan is printed.
+
+    The store is read, never written: no experiment or run is created. Ray is left alone on this machine when
+    trials train on its CPU; on a cluster (RAY_ADDRESS) or for GPU trials it is joined (or started) for the shape, the
+    GPU share (--gpus-per-trial auto, which start_study then keeps) and the probe, and left up for start_study."""
+    name = name or args.name
+    start_s, start_source = plans.startup_s()  # before the probe: this process's start so far
+    outbox.bound_client_retries()
+    client = MlflowClient(args.tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    found = tracking.find_study_run(client, experiment.experiment_id, name) if args.resume and experiment else None
+    seeds = seeds if seeds is not None else _launch_seeds(args, found, name)
+    fused = args.fuse_seeds if fused is None else fused
+    config, shape = {**args.config, **(fixed or {})}, None
+    if os.environ.get("RAY_ADDRESS") or args.gpus_per_trial == "auto" or float(args.gpus_per_trial) > 0:
+        _connect_ray(args)
+    if ray.is_initialized():
+        try:
+            shape = cluster.shape()
+            if args.gpus_per_trial == "auto" or args.gpu_choice:
+                gpu_share.choose(args, found.data.params if found is not None else {}, seeds, shape)
+        except preflight.PreflightError as err:
+            ray.shutdown()
+            fail(str(err))
+    stages = tuple(stages or [configurations * (1 if fused else len(seeds))])
+    done = plans.trials_done(client, experiment.experiment_id, found.info.run_id, seeds) if found is not None else 0
+    on_gpu = float(args.gpus_per_trial) > 0 and args.device != "cpu"
+    epoch_s, source = (_epoch_seconds(args, client, experiment, config, seeds, fused, on_gpu) if sum(stages) > done
+                       else (0.0, "nothing left to run, so not measured"))
+    count, why = _concurrency(args, shape, sum(stages) - done, max_concurrent)
+    made = Plan(study=name, configurations=configurations, seeds=len(seeds), fused=fused, stages=stages, done=done,
+                epochs=config["epochs"], epoch_s=epoch_s, epoch_source=source, start_s=start_s,
+                start_source=start_source, concurrency=count, concurrency_why=why,
+                share=float(args.gpus_per_trial) if on_gpu else args.cpus_per_trial,
+                device="GPU" if on_gpu else "CPU core", price_per_hour=args.price_per_hour)
+    print(made.describe(), flush=True)
+    if args.plan and last:
+        ray.shutdown()  # when joined or started above; nothing otherwise
+        raise SystemExit(0)
+    return made
+
+
+def _launch_seeds(args: StudyArgs, found, name: str) -> list[int]:
+    """`seeds(args)` as start_study will set them: a resumed study that gains seeds trains only those (`resume`),
+    worked out on a copy of the flags, which start_study works out again."""
+    if found is None:
+        return seeds(args)
+    launch = copy.copy(args)
+    try:
+        resume.plan_seeds(launch, name, found.data.tags, found.data.params)
+    except resume.ResumeRefused as err:
+        fail(str(err))
+    return seeds(launch)
+
+
+def _epoch_seconds(args: StudyArgs, client: MlflowClient, experiment, config: dict, seeds: list[int], fused: bool,
+                   on_gpu: bool) -> tuple[float, str]:
+    """Seconds of training steps per epoch, and from where: earlier runs in the store, else a probe (on this
+    machine's CPU, with a trial's threads; on a GPU of the cluster's when trials train on GPUs)."""
+    members = [{**config, "seed": seed} for seed in seeds] if fused else [config]
+    if experiment is not None:
+        stored = plans.store_epoch_seconds(client, experiment.experiment_id, config, len(members) > 1)
+        if stored is not None:
+            return stored[0], f"from {stored[1]} earlier runs in the store (median of their last epochs)"
+    if on_gpu:
+        result = plans.probe_on_cluster(members, args.data_root, args.cpus_per_trial)
+        if "error" in result:
+            ray.shutdown()
+            fail(f"the plan's probe on node {result.get('node', '?')} failed: {result['error']}")
+    else:
+        result = plans.probe(members, args.data_root, "cpu", threads=max(1, int(args.cpus_per_trial)))
+    return result["epoch_s"], plans.probe_source(result)
+
+
+def _concurrency(args: StudyArgs, shape, trials: int, cap: int) -> tuple[int, str]:
+    """Trials at once: what fits on the cluster (Ray up: its live resources, and the nodes its autoscaler may add)
+    or on this machine's cores (the local Ray the study will start takes them all)."""
+    caps = [c for c in (args.max_concurrent, cap) if c]
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        cpus, gpus, where = resources.get("CPU", 0), resources.get("GPU", 0), shape.describe()
+        more = (shape.max_nodes - shape.live_nodes) if shape.autoscaling and shape.max_nodes else 0
+    else:
+        cpus, gpus, where, more = os.cpu_count() or 1, 0, "this machine, for the Ray the study starts", 0
+    return plans.concurrency(cpus, gpus, args.cpus_per_trial, float(args.gpus_per_trial), where=where,
+                             max_concurrent=min(caps, default=0), trials=trials, more_nodes=more,
+                             node_types=shape.node_types if shape is not None else None)
 
 
 # --- Tune pieces ---------------------------------------------------------------------------------
@@ -247,6 +362,8 @@ def finish_study(study: Study, results) -> int:
         errors += 1
     if outage := _outage_line(results, server):
         print(outage)
+    if study.plan is not None:
+        print(study.plan.against(len(results), time.monotonic() - study.started))
     # MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag says; the URL chooses training
     page = f"#/experiments/{study.experiment_id}?workflowType=machine_learning"
     uri = provenance.redact(study.tracking_uri)

@@ -5,7 +5,8 @@
 (`python -m stawm.train` is the same command; its flags are `TrainArgs`, with the config and data groups of
 `stawm.flags` that the studies share.)
 
-Prints one summary line per epoch (and a progress bar when the terminal is interactive); with --json
+Prints one summary line per epoch (and a progress bar when the terminal is interactive), and one line when
+the run stops before its last epoch (diverged, or its memory provably stuck); with --json
 writes the final metrics (`test_error` as a fraction at the top level) and the stability report.
 A checkpoint is written atomically each epoch to --checkpoint-dir; `--resume DIR` continues one.
 Bad input (a flag, a config value, missing or damaged data or checkpoint files): one line on stderr
@@ -68,6 +69,18 @@ def summary_line(record: dict) -> str:
     return " | ".join(parts)
 
 
+def stop_line(record: dict, epochs: int) -> str | None:
+    """The line that says the run stopped after this epoch, and why; None while it goes on."""
+    reason, epoch = record.get("stop_reason"), record["epoch"]
+    if reason == "diverged":
+        return f"stopped after epoch {epoch} of {epochs}: diverged (loss, gradients or W not finite)"
+    if reason == "stuck":
+        return (f"stopped after epoch {epoch} of {epochs}: memory provably stuck (W = 0 through the epoch, theta = 0, "
+                f"sigma flat at 0: nothing before the read-out can train again); the last test error is final "
+                f"(--config.stop-stuck false runs every epoch)")
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -89,10 +102,12 @@ def main(argv=None) -> int:
                             precision=args.precision):
             records.append(record)
             print(summary_line(record), flush=True)
+            if line := stop_line(record, cfg.epochs):
+                print(line, flush=True)
     except (MissingDataError, CheckpointError) as err:  # the files given are the bad input
         return _error(err)
     if not records:
-        print(f"nothing to do: the checkpoint in {checkpoint_dir} already finished {cfg.epochs} epochs")
+        print(f"nothing to do: the run in {checkpoint_dir} already finished {cfg.epochs} epochs, or stopped before")
         return 0
     if args.json is not None:
         result = {**final_metrics(records), "config": cfg.to_flat(), "stability": records[-1]["stability"],

@@ -1,6 +1,7 @@
 """K trials trained as one vectorised model in one process (trial fusion over seeds and rates, as HFTA does).
 
-Letters: K members (fused trials), B batch, C channels, H image side, N trainable numbers per member.
+Letters: K members (fused trials), A those still in the stack (A <= K: slot i holds member active[i]), B batch,
+C channels, H image side, N trainable numbers per member.
 
 Why: one STAWM step is a long chain of small kernels, so a GPU running one trial mostly waits on
 kernel launches, and separate processes on one GPU only time-slice it. Here the members' parameters
@@ -23,9 +24,22 @@ Dropout masks and drawing noise come from one global stream (vmap randomness="di
 member 0's seed): independent across members, but not the masks the member's plain run draws.
 
 A member that diverges (non-finite loss, gradients or W) is frozen at the step it happened: its
-parameters, Adam moments and step count stop changing, its loss is masked out of the backward pass,
-and its epoch record says diverged=True; later epochs, where the loop yields None in its place, keep its
-BatchNorm statistics too. It still occupies its slot of the stack (shapes stay static), so it still costs compute.
+parameters, Adam moments and step count stop changing, and its loss is masked out of the backward pass
+until the epoch ends (within an epoch the shapes stay static); its epoch record says diverged=True.
+
+A member that has stopped (the loop's stop_reason: diverged, or stuck) leaves the stack at the start of the
+next epoch, so its compute is saved: the stacked parameters, buffers, Adam state, learning rates and clip
+bounds are rebuilt from the remaining members' rows (`begin_epoch`), and what the member left behind is
+shelved as it was. The slots of the stack are then `active` (member indices k); everything the loop sees is
+still indexed by k: its records, `rates(k)`, `generators`, and the checkpoint.
+The checkpoint keeps the full-K layout (every tensor with one row per member, the shelved rows scattered back):
+the format stays the one a plain run writes, `checkpoints.member_weights(path, k)` still finds any member
+(a stopped one's final weights included), and a resumed stack loads all K rows and compacts again at its first
+`begin_epoch` from the checkpoint's `stopped` list, to the same slots as the run it continues. Storing only
+the remaining members would save a little disk at the price of a second layout every reader must know.
+The remaining members compute what they would have with the stopped ones still there, up to float rounding
+(vmap batches K members' kernels; tests/test_fused.py), except with dropout or drawing noise: their masks come
+from the one global stream in slot order, which shifts once a member leaves.
 """
 
 from __future__ import annotations
@@ -178,36 +192,70 @@ class StackedAdam:
 
 class FusedStack:
     """K members as one model (`step.Members`, the loop's interface): stacked parameters and buffers, the vmapped
-    step and evaluation, one StackedAdam, and which members are still alive (on the device)."""
+    step and evaluation, one StackedAdam, and which members are still alive (on the device).
+
+    Slot i of every stacked tensor is member active[i]; members that stopped have left for the shelf."""
 
     def __init__(self, cfgs: list[Config], device: torch.device, compile: str = "none", precision: str = "fp32"):
         check_fusible(cfgs)
         check_speed_options(compile, precision)
         _register_vmap_rules()
-        self.cfgs, self.cfg, self.K, self.device = cfgs, cfgs[0], len(cfgs), device
+        self.cfgs, self.cfg, self.K, self.device, self.compile = cfgs, cfgs[0], len(cfgs), device, compile
         models, self.generators = [], []
         for cfg in cfgs:  # each member exactly as its plain run makes it: seed, then build
             self.generators.append(seed_everything(cfg.seed, device))
             models.append(build_model(cfg, device))
         seed_everything(cfgs[0].seed, device)  # the one global stream for dropout and drawing noise
-        self.params, self.buffers = stack_module_state(models)  # name -> (K, ...)
-        self.trainable = [p for p in self.params.values() if p.requires_grad]
-        self.statistics = [name for name in self.buffers  # what the forward pass updates in place: BatchNorm's
-                           if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")]
+        params, buffers = stack_module_state(models)  # name -> (K, ...)
+        self.learns = {name: p.requires_grad for name, p in params.items()}  # the parameters, and which train
         self.base = _weightless_copy(models[0])
         self.classifies, self.draws = models[0].classifies, models[0].draws
-        self.optimizer = StackedAdam(self.trainable)
-        self.clip = torch.tensor([c.grad_clip for c in cfgs], device=device)[:, None]  # (K, 1)
-        self.alive = torch.ones(self.K, dtype=torch.bool, device=device)  # (K,) cleared by the step, no host sync
-        self.lr = torch.full((self.K,), cfgs[0].lr, dtype=torch.float64, device=device)  # (K,) set per epoch
-        self.freeze_buffers = False
-        if compile != "none":  # the stack is the model's state, not per-call input: CUDA graphs may keep its
-            for t in [*self.params.values(), *self.buffers.values()]:  # addresses and update BatchNorm in place
-                torch._dynamo.mark_static_address(t)
+        self.shelf: dict[int, dict] = {}  # k -> the rows a member took with it when it left the stack (`_leave`)
+        self._install(list(range(self.K)), {**params, **buffers}, None, torch.ones(self.K, dtype=torch.bool))
+        self.lr = torch.full((self.K,), cfgs[0].lr, dtype=torch.float64, device=device)  # (A,) set per epoch
         self.bf16 = precision == "bf16"
         self.step_fn = self._speed(vmap(self._member_step, randomness="different"), compile)
         self.eval_fn = self._speed(vmap(self._member_eval, in_dims=(0, 0, None, None, None), randomness="different"),
                                    compile)
+
+    def _install(self, members: list[int], weights: dict[str, torch.Tensor], optimizer: dict | None,
+                 alive: torch.Tensor) -> None:
+        """Make the stack hold `members` (indices k, in slot order) from tensors with one row each, in that order:
+        its own copies on the device as fresh leaves, a StackedAdam over them (fresh when `optimizer` is None),
+        and the members' clip bounds."""
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(self.device, copy=True)
+
+        self.active = list(members)
+        self.params = {name: own(weights[name]).requires_grad_(learns) for name, learns in self.learns.items()}
+        self.buffers = {name: own(t) for name, t in weights.items() if name not in self.learns}  # name -> (A, ...)
+        self.trainable = [p for p in self.params.values() if p.requires_grad]
+        self.optimizer = StackedAdam(self.trainable)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+        self.alive = own(alive)  # (A,) cleared by the step, no host sync
+        self.clip = torch.tensor([self.cfgs[k].grad_clip for k in members], device=self.device)[:, None]  # (A, 1)
+        if self.compile != "none":  # the stack is the model's state, not per-call input: CUDA graphs may keep its
+            for t in [*self.params.values(), *self.buffers.values()]:  # addresses and update BatchNorm in place
+                torch._dynamo.mark_static_address(t)
+
+    def _rows(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The stack's state by part (weights, optimizer, alive), each tensor one row per slot."""
+        return {"weights": {name: t.detach() for name, t in {**self.params, **self.buffers}.items()},
+                "optimizer": self.optimizer.state_dict(), "alive": {"alive": self.alive}}
+
+    def _leave(self, stopped: list[bool]) -> None:
+        """The members that stopped leave: their rows go to the shelf (on the CPU: they never step again) and the
+        others are installed anew, in their order. Once per member, at the start of the epoch after its stop."""
+        rows = self._rows()
+        for i, k in enumerate(self.active):
+            if stopped[k]:
+                self.shelf[k] = {part: {name: t[i].cpu() for name, t in part_rows.items()}
+                                 for part, part_rows in rows.items()}
+        slots = [i for i, k in enumerate(self.active) if not stopped[k]]
+        keep = torch.tensor(slots, device=self.device)
+        kept = {part: {name: t[keep] for name, t in part_rows.items()} for part, part_rows in rows.items()}
+        self._install([self.active[i] for i in slots], kept["weights"], kept["optimizer"], kept["alive"]["alive"])
 
     def _speed(self, fn: Callable, compile: str) -> Callable:
         return fn if compile == "none" else new_step(torch.compile(fn, mode=compile, dynamic=False))
@@ -244,27 +292,24 @@ class FusedStack:
         return errors, recon
 
     def begin_epoch(self, lrs: list[float], stopped: list[bool]) -> None:
-        """Each member's learning rate for the epoch; once one has stopped, the steps also keep the BatchNorm
-        statistics of members that are not alive (their forward pass still runs and would update them;
-        it costs a copy of the buffers, so not before)."""
-        self.lr = torch.tensor(lrs, dtype=torch.float64, device=self.device)
-        self.freeze_buffers = any(stopped)
+        """Members that stopped leave the stack (`_leave`: their BatchNorm statistics, weights and Adam state stay as
+        their last epoch left them); each remaining member's learning rate for the epoch."""
+        if any(stopped[k] for k in self.active):
+            self._leave(stopped)
+        self.lr = torch.tensor([lrs[k] for k in self.active], dtype=torch.float64, device=self.device)  # (A,)
 
     def step(self, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, stats: EpochStats) -> None:
-        """One step of every member; x (K, B, C, H, H), labels (K, B).
+        """One step of every member in the stack; x (A, B, C, H, H), labels (A, B), in slot order.
 
         No host sync: a member's divergence only clears its `alive` entry on the device.
         """
-        alive, freeze_buffers = self.alive, self.freeze_buffers
-        if freeze_buffers:
-            dead = ~alive
-            saved = {name: self.buffers[name].clone() for name in self.statistics}
-        losses, aux = self.step_fn(self.params, self.buffers, x, target, labels)  # (K,), each (K,)
+        alive = self.alive
+        losses, aux = self.step_fn(self.params, self.buffers, x, target, labels)  # (A,), each (A,)
         for p in self.trainable:
             p.grad = None
         torch.where(alive, losses, 0.0).sum().backward()  # members are independent: d(sum)/d(loss_k) = 1
-        grad = self.optimizer.flat_grad()  # (K, N)
-        norms = grad.norm(dim=1)  # (K,)
+        grad = self.optimizer.flat_grad()  # (A, N)
+        norms = grad.norm(dim=1)  # (A,)
         grads_finite = norms.isfinite()  # before clipping hides an inf
         if self.cfg.grad_clip_mode == "value":  # the authors clipped each gradient element
             grad = torch.minimum(torch.maximum(grad, -self.clip), self.clip)
@@ -273,39 +318,47 @@ class FusedStack:
         loss = losses.detach()
         alive &= loss.isfinite() & grads_finite & aux["w_finite"]
         self.optimizer.step(grad, self.lr, alive)
-        if freeze_buffers:  # after the backward pass, which may still read the buffers it saw
-            with torch.no_grad():
-                for name, old in saved.items():
-                    b = self.buffers[name]
-                    b.copy_(torch.where(dead.view(-1, *[1] * (b.dim() - 1)), old, b))
         stats.fold(loss=loss, loss_finite=loss.isfinite(), grads_finite=grads_finite, **aux)
 
     @torch.no_grad()
     def evaluate(self, split: Split, data: DataBundle) -> list[dict[str, float]]:
-        """OneModel.evaluate for every member at once: the same batches, each member's own weights."""
+        """OneModel.evaluate for every member in the stack at once (slot order): the same batches, each member's
+        own weights."""
         cfg = self.cfg
         self.base.eval()
-        errors = torch.zeros(self.K, device=self.device)
-        recon = torch.zeros(self.K, device=self.device)
+        errors = torch.zeros(len(self.active), device=self.device)
+        recon = torch.zeros(len(self.active), device=self.device)
         for images, labels in iterate_batches(split, cfg.batch_size, generator=None, shuffle=False, drop_last=False):
             x01 = prepare_batch(images, augment="none", generator=None)
-            e, r = self.eval_fn(self.params, self.buffers, to_model_input(x01, cfg, data), x01, labels)  # (K,) each
+            e, r = self.eval_fn(self.params, self.buffers, to_model_input(x01, cfg, data), x01, labels)  # (A,) each
             errors += e
             recon += r
         self.base.train()
         return split_results(errors, recon, len(split), self)
 
     def rates(self, k: int) -> dict[str, float]:
-        return {name: float(self._rate(name, self.params, self.buffers)[k].detach())
+        slot = self.active.index(k)  # the loop asks only members still in the stack
+        return {name: float(self._rate(name, self.params, self.buffers)[slot].detach())
                 for name in ("delta", "eta", "theta")}
 
     def state_dict(self) -> dict:
-        return {"weights": {name: t.detach() for name, t in {**self.params, **self.buffers}.items()},
-                "optimizer": self.optimizer.state_dict(), "alive": self.alive}
+        """Every tensor with one row per member k (K rows): the stack's rows and the shelf's, scattered back."""
+        full = {part: {name: self._scatter(t, part, name) for name, t in part_rows.items()}
+                for part, part_rows in self._rows().items()}
+        return {"weights": full["weights"], "optimizer": full["optimizer"], "alive": full["alive"]["alive"]}
 
-    @torch.no_grad()
+    def _scatter(self, rows: torch.Tensor, part: str, name: str) -> torch.Tensor:
+        """(A, ...) slot rows -> (K, ...) member rows, the shelved members' own rows in their places."""
+        if not self.shelf:  # no member has left: slot i is member i
+            return rows
+        full = rows.new_empty((self.K, *rows.shape[1:]))
+        full[torch.tensor(self.active, device=rows.device)] = rows
+        for k, shelved in self.shelf.items():
+            full[k] = shelved[part][name]
+        return full
+
     def load_state_dict(self, state: dict) -> None:
-        for name, t in {**self.params, **self.buffers}.items():
-            t.copy_(state["weights"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.alive.copy_(state["alive"])
+        """Back to a `state_dict`: all K members in the stack again; the loop's next `begin_epoch` lets those that
+        had stopped leave, as they did in the run the state comes from."""
+        self.shelf = {}
+        self._install(list(range(self.K)), state["weights"], state["optimizer"], state["alive"])

@@ -8,7 +8,8 @@ evaluation, the records with each member's stability verdict, the checkpoint and
 
 The step keeps no Python-side state and has no shape-dependent branches: training batches are full
 (drop_last), statistics stay on the device until the epoch ends (no `.item()` per step), so the same
-step can be compiled or graph-captured.
+step can be compiled or graph-captured. A fused stack changes shape only between epochs, when members that
+stopped leave it: a compiled step recompiles once then.
 
 Speed options (`compile=`, `precision=`) change how the model runs, never what it computes by default:
 with compile="none" and precision="fp32" the loop is the plain eager one, bit for bit.
@@ -26,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .. import schema
+from ..conditions import provably_stuck
 from ..config import Config
 from ..model.stability import StabilityMonitor
 from .checkpoints import (checkpoint_path, global_rng_state, load_checkpoint, monitor_state, restore_monitor,
@@ -42,8 +44,10 @@ def train(cfgs: Sequence[Config], *, device: str | torch.device = "cpu", data_ro
     """Train the configs; yield, per epoch, one record per member (its checkpoint already on disk).
 
     One config is the plain run; several must differ only in `fused.FUSIBLE_FIELDS` (FusionError names
-    the field otherwise). A member whose record says diverged=True (non-finite loss, gradients or W) has
-    stopped: later epochs yield None in its place, and the run ends when every member has stopped.
+    the field otherwise). Every record has a stop_reason, None while the member goes on: "diverged" (non-finite
+    loss, gradients or W) or, with cfg.stop_stuck, "stuck" (`stop_reason`) ends it after that epoch. Later
+    epochs yield None in its place (in a fused stack it no longer costs compute), and the run ends when every
+    member has stopped.
     images_per_second is each member's own rate (their sum is the run's).
     resume=True continues from checkpoint_dir's checkpoint when there is one (epochs already done are not
     yielded again). Speed options: compile (one of COMPILE_MODES: torch.compile, static shapes) and
@@ -60,7 +64,7 @@ def train(cfgs: Sequence[Config], *, device: str | torch.device = "cpu", data_ro
     members: Members = (OneModel(cfgs[0], device, compile, precision) if len(cfgs) == 1 else
                         FusedStack(cfgs, device, compile, precision))
     monitors = [StabilityMonitor(cfg) for cfg in cfgs]
-    stopped = [False] * len(cfgs)  # members whose diverged record has been yielded
+    stopped = [False] * len(cfgs)  # members whose record with a stop_reason has been yielded
     start_epoch = 0
     path = checkpoint_path(checkpoint_dir)
     if resume and path is not None and path.exists():
@@ -80,16 +84,19 @@ def train(cfgs: Sequence[Config], *, device: str | torch.device = "cpu", data_ro
         lrs = [cfg.lr * lr_factor(cfg, epoch - 1) for cfg in cfgs]
         members.begin_epoch(lrs, stopped)
         stats, steps, seconds = run_epoch(members, data, epoch, progress)
+        slots = {k: i for i, k in enumerate(members.active)}  # where each member's numbers are in the stack
         evaluations = functools.cache(lambda: evaluate_members(members, data))  # once, unless all diverged
         records: list[dict | None] = []
         for k, monitor in enumerate(monitors):
             if stopped[k]:
                 records.append(None)
                 continue
-            records.append(epoch_record(monitor, epoch, stats.member(k), steps=steps, seconds=seconds,
-                                        batch_size=cfgs[k].batch_size, heads=members, rates=members.rates(k),
-                                        lr=lrs[k], evaluate=lambda k=k: evaluations()[k], device=device))
-            stopped[k] = records[k]["diverged"]
+            record = epoch_record(monitor, epoch, stats.member(slots[k]), steps=steps, seconds=seconds,
+                                  batch_size=cfgs[k].batch_size, heads=members, rates=members.rates(k), lr=lrs[k],
+                                  evaluate=lambda k=k: evaluations()[slots[k]], device=device)
+            record["stop_reason"] = stop_reason(record, cfgs[k], members.draws)
+            stopped[k] = record["stop_reason"] is not None
+            records.append(record)
         if path is not None:
             save_checkpoint(path, {
                 "epoch": epoch, "configs": [cfg.to_flat() for cfg in cfgs], "members": members.state_dict(),
@@ -127,20 +134,22 @@ def steps_per_epoch(cfg: Config, train_size: int) -> int:
 
 
 def run_epoch(members: Members, data: DataBundle, epoch: int, progress: bool) -> tuple[EpochStats, int, float]:
-    """One pass of every member over the training set, each in its own order; returns the epoch's sums,
-    its steps and its seconds."""
-    cfgs, cfg, device = members.cfgs, members.cfgs[0], data.train.images.device
+    """One pass of every member that steps (`members.active`) over the training set, each in its own order;
+    returns the epoch's sums (one per active member, in that order), its steps and its seconds."""
+    cfgs = [members.cfgs[k] for k in members.active]
+    generators = [members.generators[k] for k in members.active]
+    cfg, device = members.cfgs[0], data.train.images.device
     stats = EpochStats.zeros(device, len(cfgs))
     steps = steps_per_epoch(cfg, len(data.train))
     orders = [iterate_batches(data.train, cfg.batch_size, generator=g, shuffle=True, drop_last=True)
-              for g in members.generators]
+              for g in generators]
     clock = EpochClock(steps, epoch, cfg.epochs, device, progress)
     for step, batches in enumerate(zip(*orders)):
         if step == steps:
             break
         images = torch.stack([images for images, _ in batches])  # (K, B, C, H, H) uint8
         labels = torch.stack([labels for _, labels in batches])  # (K, B)
-        x01 = prepare_members(images, cfgs, members.generators)
+        x01 = prepare_members(images, cfgs, generators)
         members.step(to_model_input(x01, cfg, data), x01, labels, stats)
         clock.step()
     return stats, steps, clock.stop()
@@ -215,8 +224,24 @@ def epoch_record(monitor: StabilityMonitor, epoch: int, stats: EpochStats, *, st
     return record
 
 
+def stop_reason(record: dict, cfg: Config, draws: bool) -> str | None:
+    """Why a member stops after the epoch of `record`, or None: it goes on.
+
+    "diverged": nothing left to train. "stuck" (only with cfg.stop_stuck): its memory stayed at W = 0 through
+    the epoch with theta = 0 and a sigma flat at 0, so no later epoch can write it or train anything before
+    its read-out (`conditions.provably_stuck`, a derived rule); the record keeps what it measured, its test
+    error the last one measured.
+    """
+    if record["diverged"]:
+        return "diverged"
+    if cfg.stop_stuck and provably_stuck(cfg.activation, record["theta"], record["max_abs_w"], draws=draws):
+        return "stuck"
+    return None
+
+
 def evaluate_members(members: Members, data: DataBundle) -> list[dict[str, float]]:
-    """Each member's test (and validation) results under their record keys (also their MLflow metric names)."""
+    """Each member's test (and validation) results under their record keys (also their MLflow metric names), in
+    the order of `members.active`."""
     tests = members.evaluate(data.test, data)
     vals = members.evaluate(data.val, data) if data.val is not None else [None] * len(tests)
     names = {"test": {"error": schema.TEST_ERROR, "recon_loss": schema.TEST_RECON_LOSS},

@@ -177,20 +177,23 @@ class Members(Protocol):
 
     cfgs: list[Config]  # each member's Config
     generators: list[torch.Generator]  # each member's data generator (order, augmentation)
+    active: list[int]  # the members that step (k), in the order their batches are stacked; set by begin_epoch
     classifies: bool  # which heads the model has
     draws: bool
 
     def begin_epoch(self, lrs: list[float], stopped: list[bool]) -> None:
-        """Each member's learning rate for the epoch; which members have stopped (their record said diverged)."""
+        """Each member's learning rate for the epoch; which members have stopped (their record named a stop_reason),
+        which no longer step from now on."""
 
     def step(self, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, stats: EpochStats) -> None:
         """One optimiser step of every member, folded into `stats` on the device (no host sync)."""
 
     def evaluate(self, split: Split, data: DataBundle) -> list[dict[str, float]]:
-        """One result per member over a whole split: {"error"} when it classifies, {"recon_loss"} when it draws."""
+        """One result per member in `active`, in its order, over a whole split: {"error"} when it classifies,
+        {"recon_loss"} when it draws."""
 
     def rates(self, k: int) -> dict[str, float]:
-        """Member k's memory rates now."""
+        """Member k's memory rates now (k in `active`)."""
 
     def state_dict(self) -> dict:
         """Everything a checkpoint needs: "weights" with a leading member axis, "optimizer", ..."""
@@ -217,7 +220,7 @@ class OneModel:
     """
 
     def __init__(self, cfg: Config, device: torch.device, compile: str = "none", precision: str = "fp32"):
-        self.cfgs, self.cfg, self.device = [cfg], cfg, device
+        self.cfgs, self.cfg, self.device, self.active = [cfg], cfg, device, [0]
         self.generators = [seed_everything(cfg.seed, device)]
         self.model = build_model(cfg, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
