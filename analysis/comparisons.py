@@ -100,6 +100,8 @@ def _glimpse_rows(runs, swept, field, symbol, metric, include_unfinished) -> lis
     for scope, part in _within(runs, [s for s in swept if s != field]):
         rows.append(trend(part, field, metric, comparison=f"trend of the error over {symbol}", scope=scope,
                           include_unfinished=include_unfinished))
+        if field == "glimpses" and (part[field] == 1).any() and (part[field] > 1).nunique() > 1:
+            rows += _one_glimpse_rows(part, metric, scope, include_unfinished)
         finished = part[included(part, include_unfinished=include_unfinished)]
         means = finished.groupby(field)[metric].mean().dropna()
         if means.empty:
@@ -115,6 +117,16 @@ def _glimpse_rows(runs, swept, field, symbol, metric, include_unfinished) -> lis
                                scope=scope, label_a=f"{field}={best}", label_b=f"{field}={paper}",
                                include_unfinished=include_unfinished))
     return rows
+
+
+def _one_glimpse_rows(runs, metric, scope, include_unfinished) -> list[dict]:
+    """N = 1 has no memory to integrate (one write, one read): it against every N > 1, and the trend among N > 1
+    alone, so that N = 1's gap does not pass for a trend over N."""
+    several = runs[runs["glimpses"] > 1]
+    return [difference(runs[runs["glimpses"] == 1], several, metric, comparison="one glimpse against several",
+                       scope=scope, label_a="glimpses=1", label_b="glimpses>1", include_unfinished=include_unfinished),
+            trend(several, "glimpses", metric, comparison="trend of the error over N > 1", scope=scope,
+                  include_unfinished=include_unfinished)]
 
 
 def _delta_rows(runs, swept, metric, include_unfinished) -> list[dict]:

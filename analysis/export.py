@@ -53,6 +53,7 @@ def export_study(study: MlflowStudy, out: Path, command: str) -> list[Path]:
         "study": study.info.study, "seeds": study.info.seeds, schema.SWEPT: study.info.swept,
         "params": study.info.params, "parents": study.info.parents, "trials": len(runs),
         "ran_with": tags.get(schema.NOTE, "").strip(), "ran_at_commits": commits,
+        "seeds_by_commit": seeds_by_commit(runs),
         "exported_with": command, "exported_at_commit": git_commit(),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -67,11 +68,23 @@ def export_study(study: MlflowStudy, out: Path, command: str) -> list[Path]:
     return paths
 
 
+def seeds_by_commit(runs: pd.DataFrame) -> dict[str, str]:
+    """Which seeds each commit trained ("0-2", "3,4"): a study extended with more seeds ran its seeds at several."""
+    def spans(seeds: list[int]) -> str:
+        return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 else (
+            ",".join(map(str, seeds)))
+
+    known = runs.dropna(subset=["git_commit", "seed"])
+    return {commit: spans(sorted({int(s) for s in group["seed"]})) for commit, group in known.groupby("git_commit")}
+
+
 def readme(meta: dict, out: Path) -> str:
     commands = [line.strip() for line in meta["ran_with"].splitlines()
                 if line.strip() and not line.strip().endswith("with")]  # the note: "Started with", its command, ...
     ran = "\n".join(f"    {line}" for line in commands) or "    (not recorded)"
-    commits = ", ".join(c[:12] for c in meta["ran_at_commits"]) or "unknown"
+    by_commit = meta.get("seeds_by_commit") or {}
+    commits = ", ".join(f"{c[:12]}: seeds {by_commit[c]}" if c in by_commit else c[:12]
+                        for c in meta["ran_at_commits"]) or "unknown"
     return (f"# Shipped results: study `{meta['study']}`\n\n"
             f"{meta['trials']} trials; seeds per configuration: {meta['seeds']}; "
             f"swept: {', '.join(meta[schema.SWEPT] or [])}.\n\n"

@@ -65,9 +65,11 @@ def import_study(folder: Path, client, command: str) -> tuple[str, int]:
     experiment = client.create_experiment(name, tags={schema.EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING})
     start, end = (_ms(runs[column]) for column in ("start_time", "end_time"))
     parent = _create_parent(client, experiment, meta, min(start), command)
-    config_fields = [name for name in field_types() if name in runs.columns]
+    types = field_types()
+    config_fields = [name for name in types if name in runs.columns]
     for (_, row), started, ended in zip(runs.iterrows(), start, end):
-        _import_run(client, experiment, parent, name, meta, row, config_fields, started, ended,
+        logged = [f for f in config_fields if row[f] != "" or types[f] is str]  # "" elsewhere: never logged
+        _import_run(client, experiment, parent, name, meta, row, logged, started, ended,
                     history[history["run_id"] == row["run_id"]], stability[stability["run_id"] == row["run_id"]])
     client.set_terminated(parent, "FINISHED", end_time=max(end))
     return parent, len(runs)

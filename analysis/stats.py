@@ -77,7 +77,8 @@ def aggregate(runs: pd.DataFrame, by: Sequence[str] | None = None, metric: str |
     rows, mixed = [], set()
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
-        mixed |= {f for f in others if group[f].nunique(dropna=False) > 1}
+        # a field some runs did not record (added to the harness after they ran) is no difference: dropna
+        mixed |= {f for f in others if group[f].nunique(dropna=True) > 1}
         used = group[keep.loc[group.index] & np.isfinite(group[metric].astype(float))].sort_values("seed")
         values = used[metric].to_numpy(dtype=float)
         mean, std = mean_std(values)

@@ -186,9 +186,10 @@ def load_study(study: str, tracking_uri: str) -> tuple[pd.DataFrame, StudyInfo]:
 
 
 def varying_fields(runs: pd.DataFrame) -> list[str]:
-    """Config fields (not seed) taking more than one value across the runs, in Config order."""
+    """Config fields (not seed) taking more than one value across the runs, in Config order. A field some runs
+    did not record (added to the harness after they ran: None) does not vary on that account."""
     return [name for name in field_types()
-            if name != "seed" and name in runs and runs[name].nunique(dropna=False) > 1]
+            if name != "seed" and name in runs and runs[name].nunique(dropna=True) > 1]
 
 
 def swept_fields(runs: pd.DataFrame, info: StudyInfo | None = None) -> list[str]:

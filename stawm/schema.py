@@ -67,7 +67,8 @@ STABILITY_TAGS = (STABILITY_OK, STABILITY_FLAGS, STABILITY_STATIC_OK, STABILITY_
 
 SEEDS = "seeds"  # seeds per configuration (the parent's param: as first launched)
 SEEDS_NOW = "stawm.seeds"  # parent tag: seeds per configuration now, once --resume added seeds (a param cannot change)
-SEEDS_ADDED = "stawm.seeds_added"  # parent tag: the seed ranges added, each with its Ray experiment ("3-4:NAME-seeds3-4")
+# parent tag: the seed ranges added, each with its Ray experiment ("3-4:NAME-seeds3-4")
+SEEDS_ADDED = "stawm.seeds_added"
 SWEPT = "swept"  # config fields the study varies (seed excluded), comma-separated
 
 # the plan (stawm.study.plan), logged before the first trial; a resumed study keeps its first launch's

@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, (selfsup_preset, selfsup_fields) = (QUICK_ROWS, QUICK_SELFSUP) if args.quick else (ROWS, SELFSUP)
     seeds = SEEDS[: args.seeds] if args.seeds <= len(SEEDS) else runner.seeds(args)
     stage1 = [runner.variant(args, name, **fields, seed=seed) for name, fields in rows.values() for seed in seeds]
-    runner.variant(args, selfsup_preset, **selfsup_fields)  # validate stage 2 before Ray starts
-    plan = runner.plan(args, configurations=len(rows) + 1, seeds=seeds, fused=False,  # --plan stops here
-                       stages=[len(stage1), len(seeds)])  # stage 2 (selfsup) starts once stage 1 has ended
+    selfsup_row = runner.variant(args, selfsup_preset, **selfsup_fields)  # validate stage 2 before Ray starts
+    # stage 2 starts once stage 1 has ended; the rows train at their own speeds, each timed; --plan stops here
+    plan = runner.plan(args, configurations=len(rows) + 1, seeds=seeds, fused=False, stages=[len(stage1), len(seeds)],
+                       variants=[*stage1, *[selfsup_row] * len(seeds)])
     study = runner.start_study(args, swept=["preset", "task", "glimpse_size", "glimpses"], plan=plan)
     trainable = tune.with_resources(tune.with_parameters(runner.trainable, context=study.context),
                                     runner.resources(args))

@@ -81,7 +81,7 @@ def test_the_block_is_short_and_gives_its_units():
     block = hand_plan().describe().splitlines()
     assert 5 <= len(block) <= 8
     assert block[0] == "plan for s: 6 configurations x 2 seeds (a trial each) = 12 trials, 3 epochs each"
-    assert block[1] == "  epoch: 10 s of the base config's training steps, set by hand"
+    assert block[1] == "  epoch: 10 s of training steps, set by hand"
     assert block[3] == "  trial: 35 s (3 epochs x 10 s, + 8% outside the steps, + 2 s of Ray's scheduling)"
     assert block[4] == "  wall: ~223 s (3.7 min) = 15 s start (by hand) + 6 waves x 35 s"
     assert block[5] == "  device: 0.1 CPU core-hours (12 trials x 3 epochs x 10 s x 1 CPU core each)"
@@ -155,9 +155,14 @@ def test_seconds_per_epoch_come_from_earlier_runs_of_the_same_config_in_the_stor
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     made = runner.plan(args, configurations=2)  # no probe: the store has the figure
-    assert (made.epoch_s, made.epoch_source) == (2.5, "from 4 earlier runs in the store (median of their last epochs)")
+    assert made.epoch_s == 2.5
+    assert made.epoch_source == "the base config's, from 4 earlier runs in the store (median of their last epochs)"
     assert (made.trials, made.done, made.epochs) == (4, 0, 1) and not ray.is_initialized()
     assert capsys.readouterr().out.strip() == made.describe()
+    # trials of two speeds (table1's rows): the mean over the trials, each config looked up once
+    mixed = runner.plan(args, configurations=2, variants=[{}, {}, {"glimpses": 5}, {"glimpses": 5}])
+    assert mixed.epoch_s == pytest.approx((2.5 + 2.5 + 100 + 100) / 4)
+    assert mixed.epoch_source == "the mean over the trials' 2 configurations (2.5 to 100 s): 2 from the store, 0 probed"
     assert len(client.search_runs([experiment_id])) == 7  # read, nothing written
 
 

@@ -103,7 +103,8 @@ def test_stuck_rule_on_the_shipped_memory_rates_study():
 def test_the_command_prints_the_table_and_writes_its_csvs(tmp_path, capsys):
     runs, curves = stuck_runs()
     folder = export_folder(tmp_path / "tiny", runs, curves, ["theta"])
-    assert replay_command.main([str(folder), "--csv", str(tmp_path / "t.csv"), "--runs-csv", str(tmp_path / "r.csv")]) == 0
+    csvs = ["--csv", str(tmp_path / "t.csv"), "--runs-csv", str(tmp_path / "r.csv")]
+    assert replay_command.main([str(folder), *csvs]) == 0
     assert "| tiny | 4 (1 not judged) |" in capsys.readouterr().out
     assert pd.read_csv(tmp_path / "t.csv")["epochs_saved"].tolist() == [5]
     assert len(pd.read_csv(tmp_path / "r.csv")) == 4

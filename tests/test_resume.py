@@ -54,11 +54,13 @@ def test_more_seeds_train_only_the_added_ones_in_a_ray_experiment_of_their_own(t
     assert (again.first_seed, again.tune_name) == (3, "s-seeds3-4")
 
     more = args_for(7, tmp_path)  # a second extension is recorded after the first
-    assert resume.plan_seeds(more, "s", tags, {schema.SEEDS: "3"})[schema.SEEDS_ADDED] == "3-4:s-seeds3-4,5-6:s-seeds5-6"
+    added = resume.plan_seeds(more, "s", tags, {schema.SEEDS: "3"})[schema.SEEDS_ADDED]
+    assert added == "3-4:s-seeds3-4,5-6:s-seeds5-6"
     assert seeds(more) == [5, 6]
 
     plain = args_for(3, tmp_path)  # the same seeds, never extended: the study's own Ray experiment
-    assert resume.plan_seeds(plain, "s", {}, {schema.SEEDS: "3"}) == {} and (plain.first_seed, plain.tune_name) == (0, "")
+    assert resume.plan_seeds(plain, "s", {}, {schema.SEEDS: "3"}) == {}
+    assert (plain.first_seed, plain.tune_name) == (0, "")
 
     with pytest.raises(resume.ResumeRefused, match="already holds 5 seeds"):
         resume.plan_seeds(args_for(4, tmp_path), "s", tags, {schema.SEEDS: "3"})
@@ -87,8 +89,9 @@ def test_a_resume_that_changes_the_study_or_names_none_is_one_line_and_starts_no
     experiment = client.create_experiment("g")
     tracking.create_study_run(client, experiment, "g", tracking.study_params(args, ["glimpse_size"]), "x", "c", False)
     main = glimpse_size_main()
-    for extra, says in ((["--epochs", "3"], "epochs: '1' -> '3'"), (["--set", "max_steps=3"], "set: '' -> 'max_steps=3'"),
-                        (["--seeds", "1"], "already holds 2 seeds")):
+    refusals = ((["--epochs", "3"], "epochs: '1' -> '3'"), (["--set", "max_steps=3"], "set: '' -> 'max_steps=3'"),
+                (["--seeds", "1"], "already holds 2 seeds"))
+    for extra, says in refusals:
         with pytest.raises(SystemExit) as exit_:
             main([*flags, "--resume", *extra])
         err = ours(capsys.readouterr().err)
@@ -131,6 +134,7 @@ def test_import_then_export_gives_back_the_shipped_study(tmp_path):
     assert by_key(a.history(a._history["metric"].unique()), order).equals(
         by_key(b.history(a._history["metric"].unique()), order))
     assert by_key(a.stability(), ["run_id", "condition"]).equals(by_key(b.stability(), ["run_id", "condition"]))
-    meta = json.loads((back / "study.json").read_text())
-    assert meta["params"] == json.loads((shipped / "study.json").read_text())["params"] and meta["trials"] == 15
+    meta, shipped_meta = (json.loads((folder / "study.json").read_text()) for folder in (back, shipped))
+    assert meta["params"] == shipped_meta["params"] and meta["trials"] == shipped_meta["trials"] == len(runs_a)
+    assert meta["seeds_by_commit"] == shipped_meta["seeds_by_commit"]
     assert "Imported with" in meta["ran_with"]

@@ -7,14 +7,16 @@ device-hours and, with --price-per-hour, the cost. `runner.plan` makes it in vie
 run (`Plan.log`), and `finish_study` sets it against what the study took (`Plan.against`).
 
 Seconds per epoch: the training steps of one epoch, what the loop logs as `epoch_seconds`, for the study's base
-config (its grid's other configurations may be faster or slower), from the first source that has it:
-1. the store: the median last `epoch_seconds` of this experiment's FINISHED trial runs whose config matches the
-   base config on every field but SPEED_FREE (`store_epoch_seconds`);
-2. a probe: the base config's steps timed on the device a trial gets, scaled to a whole epoch's steps (`probe`):
-   in this process on the CPU, with the threads a trial gets, for a study on this machine; as a Ray task on a GPU
-   of the cluster's (as --gpus-per-trial auto probes) or on a cluster's CPU node otherwise. Trials packed on one
-   GPU are timed as if alone: a lower bound on their time, since they time-slice it.
-What is not training steps is added from named constants measured on this repository's 2-core machine.
+config (a study whose trials differ in speed, as table1's rows, gives each trial's config: their mean), from the
+first source that has it:
+1. the store: the median last `epoch_seconds` of this experiment's FINISHED trial runs whose config matches on every
+   field but SPEED_FREE (`store_epoch_seconds`);
+2. a probe: the config's steps timed, scaled to a whole epoch's steps (`probe`): in this process on the CPU with the
+   threads a trial gets (the CPU nodes of a cluster taken as like the driver's), or as a Ray task on a GPU of the
+   cluster's, as --gpus-per-trial auto probes (`probe_on_cluster`). One trial is timed alone: trials that fill every
+   core, or share a GPU, run slower (BENCHMARKS.md, Plan against actual).
+What is not training steps comes from the driver's own start (`startup_s`) and named constants measured on this
+repository's 2-core machine.
 """
 
 from __future__ import annotations
@@ -124,17 +126,17 @@ class Plan:
         lines = [
             f"plan for {self.study}: {_count(self.configurations, 'configuration')} x {_count(self.seeds, 'seed')} "
             f"({per}) = {self.trials} trials{stages}{done}, {epochs} each",
-            f"  epoch: {_seconds(self.epoch_s)} of the base config's training steps, {self.epoch_source}",
+            f"  epoch: {_seconds(self.epoch_s)} of training steps, {self.epoch_source}",
             f"  at once: {self.concurrency} trial{'s' if self.concurrency != 1 else ''} ({self.concurrency_why})",
             f"  trial: {_seconds(self.trial_s)} ({epochs} x {_seconds(self.epoch_s)}, + {OUTSIDE_STEPS:.0%} outside the"
             f" steps, + {RAY_S_PER_TRIAL:.0f} s of Ray's scheduling)",
             f"  wall: ~{_seconds(self.wall_s)} = {starts}{_seconds(self.start_s)} start ({self.start_source}) + "
             f"{' + '.join(map(str, self.waves))} wave{'s' if sum(self.waves) != 1 else ''} x {_seconds(self.trial_s)}",
-            f"  device: {self.device_hours:.3g} {unit}s ({self.left} trials x {epochs} x {_seconds(self.epoch_s)}"
+            f"  device: {_number(self.device_hours)} {unit}s ({self.left} trials x {epochs} x {_seconds(self.epoch_s)}"
             f" x {self.share:g} {self.device} each)",
         ]
         if self.price_per_hour:
-            lines.append(f"  cost: {self.cost:.3g} at {self.price_per_hour:g} a {unit}")
+            lines.append(f"  cost: {_number(self.cost)} at {self.price_per_hour:g} a {unit}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -159,6 +161,12 @@ class Plan:
         done = f" ({self.done} done before)" if self.done else ""
         return (f"plan: {self.trials} trials{done}, ~{self.wall_s:.0f} s expected; "
                 f"actual: {trials} trials in {seconds:.0f} s ({ratio})")
+
+
+def _number(x: float) -> str:
+    """Three significant digits, never in e-notation: 0.00146, 0.1, 1230."""
+    text = format(float(f"{x:.3g}"), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _count(n: int, noun: str) -> str:
@@ -194,13 +202,18 @@ def store_epoch_seconds(client: MlflowClient, experiment_id: str, config: dict,
     """(median epoch_seconds, runs) over the experiment's FINISHED trial runs that match `config` (flat) on every
     field but SPEED_FREE, fused as the plan is (a fused member's run has a MEMBER tag); None if there is none.
     Each run gives its last logged epoch's seconds."""
-    wanted = {k: str(v) for k, v in config.items() if k not in SPEED_FREE}  # trial params are str(flat value)
+    wanted = dict(speed_key(config))
     runs = client.search_runs([experiment_id], schema.tag_filter({schema.ROLE: schema.ROLE_TRIAL})
                               + " and attributes.status = 'FINISHED'")
     seconds = [run.data.metrics[EPOCH_SECONDS] for run in runs
                if EPOCH_SECONDS in run.data.metrics and (schema.MEMBER in run.data.tags) == fused
                and all(run.data.params.get(k) == v for k, v in wanted.items())]
     return (statistics.median(seconds), len(seconds)) if seconds else None
+
+
+def speed_key(config: dict) -> tuple:
+    """What of a flat config sets its speed: every field but SPEED_FREE, as trial params hold them (str(value))."""
+    return tuple(sorted((k, str(v)) for k, v in config.items() if k not in SPEED_FREE))
 
 
 def trials_done(client: MlflowClient, experiment_id: str, parent_run_id: str, seeds: list[int]) -> int:
@@ -264,19 +277,14 @@ def _remote_probe(flat_cfgs: list[dict], data_root: str, device: str) -> dict:
     return {**result, "node": node, "device": torch.cuda.get_device_name(0) if device == "cuda" else device}
 
 
-def probe_on_cluster(flat_cfgs: list[dict], data_root: str, gpus_per_trial: float, cpus_per_trial: float) -> dict:
-    """`probe` as a Ray task on the device a trial gets: a GPU of its own (the autoscaler starts a GPU worker if none is
-    up, as for --gpus-per-trial auto), else the CPUs a trial asks. {"error": ...} when it fails or none comes up."""
-    if gpus_per_trial > 0:
-        task = _remote_probe.options(num_gpus=1, num_cpus=cpus_per_trial)
-        device = "cuda"
-    else:
-        task = _remote_probe.options(num_cpus=cpus_per_trial)
-        device = "cpu"
+def probe_on_cluster(flat_cfgs: list[dict], data_root: str, cpus_per_trial: float) -> dict:
+    """`probe` as a Ray task on a GPU of its own with a trial's CPUs (the autoscaler starts a GPU worker if none is up,
+    as for --gpus-per-trial auto). {"error": ...} when it fails or no GPU comes up in time."""
+    task = _remote_probe.options(num_gpus=1, num_cpus=cpus_per_trial)
     try:
-        return ray.get(task.remote(flat_cfgs, data_root, device), timeout=PROBE_WAIT_S)
+        return ray.get(task.remote(flat_cfgs, data_root, "cuda"), timeout=PROBE_WAIT_S)
     except ray.exceptions.GetTimeoutError:
-        return {"error": f"no node for it came up within {PROBE_WAIT_S} s"}
+        return {"error": f"no GPU came up for it within {PROBE_WAIT_S} s"}
 
 
 def probe_source(result: dict) -> str:

@@ -164,12 +164,14 @@ def _resumed_study(args: StudyArgs, client: MlflowClient, swept: list[str], name
 
 
 def plan(args: StudyArgs, configurations: int, *, seeds: list[int] | None = None, fused: bool | None = None,
-         stages: list[int] | None = None, name: str | None = None, fixed: dict | None = None,
-         max_concurrent: int = 0, last: bool = True) -> Plan:
+         stages: list[int] | None = None, variants: list[dict] | None = None, name: str | None = None,
+         fixed: dict | None = None, max_concurrent: int = 0, last: bool = True) -> Plan:
     """This launch's plan (`stawm.study.plan`), printed: `configurations` x `seeds` trials (default: `seeds(args)`, the
     seeds this launch trains), or one per configuration when `fused` (default: --fuse-seeds). `stages`: trials per
-    stage when a stage waits for the one before (default: one); `name`, `fixed`: as start_study's; `max_concurrent`: a
-    cap the study sets besides --max-concurrent. With --plan, exits 0 once the `last` plan is printed.
+    stage when a stage waits for the one before (default: one); `variants`: each trial's config changes, when the
+    trials differ in speed (table1's rows): s/epoch is their mean (default: the base config's); `name`, `fixed`: as
+    start_study's; `max_concurrent`: a cap the study sets besides --max-concurrent. With --plan, exits 0 once the
+    `last` plan is printed.
 
     The store is read, never written: no experiment or run is created. Ray is left alone on this machine when
     trials train on its CPU; on a cluster (RAY_ADDRESS) or for GPU trials it is joined (or started) for the shape, the
@@ -182,8 +184,9 @@ def plan(args: StudyArgs, configurations: int, *, seeds: list[int] | None = None
     found = tracking.find_study_run(client, experiment.experiment_id, name) if args.resume and experiment else None
     seeds = seeds if seeds is not None else _launch_seeds(args, found, name)
     fused = args.fuse_seeds if fused is None else fused
-    config, shape = {**args.config, **(fixed or {})}, None
+    config, shape, joined = {**args.config, **(fixed or {})}, None, False
     if os.environ.get("RAY_ADDRESS") or args.gpus_per_trial == "auto" or float(args.gpus_per_trial) > 0:
+        joined = not ray.is_initialized()
         _connect_ray(args)
     if ray.is_initialized():
         try:
@@ -196,7 +199,8 @@ def plan(args: StudyArgs, configurations: int, *, seeds: list[int] | None = None
     stages = tuple(stages or [configurations * (1 if fused else len(seeds))])
     done = plans.trials_done(client, experiment.experiment_id, found.info.run_id, seeds) if found is not None else 0
     on_gpu = float(args.gpus_per_trial) > 0 and args.device != "cpu"
-    epoch_s, source = (_epoch_seconds(args, client, experiment, config, seeds, fused, on_gpu) if sum(stages) > done
+    configs = [{**config, **variant} for variant in variants] if variants else [config]
+    epoch_s, source = (_epoch_seconds(args, client, experiment, configs, seeds, fused, on_gpu) if sum(stages) > done
                        else (0.0, "nothing left to run, so not measured"))
     count, why = _concurrency(args, shape, sum(stages) - done, max_concurrent)
     made = Plan(study=name, configurations=configurations, seeds=len(seeds), fused=fused, stages=stages, done=done,
@@ -206,7 +210,8 @@ def plan(args: StudyArgs, configurations: int, *, seeds: list[int] | None = None
                 device="GPU" if on_gpu else "CPU core", price_per_hour=args.price_per_hour)
     print(made.describe(), flush=True)
     if args.plan and last:
-        ray.shutdown()  # when joined or started above; nothing otherwise
+        if joined:  # Ray joined or started above, for the plan alone
+            ray.shutdown()
         raise SystemExit(0)
     return made
 
@@ -224,15 +229,35 @@ def _launch_seeds(args: StudyArgs, found, name: str) -> list[int]:
     return seeds(launch)
 
 
-def _epoch_seconds(args: StudyArgs, client: MlflowClient, experiment, config: dict, seeds: list[int], fused: bool,
-                   on_gpu: bool) -> tuple[float, str]:
-    """Seconds of training steps per epoch, and from where: earlier runs in the store, else a probe (on this
-    machine's CPU, with a trial's threads; on a GPU of the cluster's when trials train on GPUs)."""
+def _epoch_seconds(args: StudyArgs, client: MlflowClient, experiment, configs: list[dict], seeds: list[int],
+                   fused: bool, on_gpu: bool) -> tuple[float, str]:
+    """Seconds of training steps per epoch of a trial, and from where: of the base config (`configs` holds it alone),
+    or the mean over the trials' `configs`, each config of another speed (`plan.speed_key`) timed once."""
+    timed = {}
+    for config in configs:
+        if plans.speed_key(config) not in timed:
+            timed[plans.speed_key(config)] = _config_epoch_seconds(args, client, experiment, config, seeds, fused,
+                                                                   on_gpu)
+    if len(configs) == 1:
+        seconds, source, _ = timed[plans.speed_key(configs[0])]
+        return seconds, f"the base config's, {source}"
+    figures, probes = [timed[plans.speed_key(c)][0] for c in configs], [t[2] for t in timed.values() if t[2]]
+    how = f"{len(timed) - len(probes)} from the store, {len(probes)} probed"
+    took = f" (the probes took {sum(p['probe_s'] for p in probes):.1f} s, on {probes[0]['device']})" if probes else ""
+    return sum(figures) / len(figures), (f"the mean over the trials' {len(timed)} configurations ({min(figures):.3g}"
+                                         f" to {max(figures):.3g} s): {how}{took}")
+
+
+def _config_epoch_seconds(args: StudyArgs, client: MlflowClient, experiment, config: dict, seeds: list[int],
+                          fused: bool, on_gpu: bool) -> tuple[float, str, dict | None]:
+    """(seconds of training steps per epoch, from where, the probe's result or None) of a trial of `config`: earlier
+    runs in the store, else a probe (on this machine's CPU, with a trial's threads; on a GPU of the cluster's when
+    trials train on GPUs)."""
     members = [{**config, "seed": seed} for seed in seeds] if fused else [config]
     if experiment is not None:
         stored = plans.store_epoch_seconds(client, experiment.experiment_id, config, len(members) > 1)
         if stored is not None:
-            return stored[0], f"from {stored[1]} earlier runs in the store (median of their last epochs)"
+            return stored[0], f"from {stored[1]} earlier runs in the store (median of their last epochs)", None
     if on_gpu:
         result = plans.probe_on_cluster(members, args.data_root, args.cpus_per_trial)
         if "error" in result:
@@ -240,7 +265,7 @@ def _epoch_seconds(args: StudyArgs, client: MlflowClient, experiment, config: di
             fail(f"the plan's probe on node {result.get('node', '?')} failed: {result['error']}")
     else:
         result = plans.probe(members, args.data_root, "cpu", threads=max(1, int(args.cpus_per_trial)))
-    return result["epoch_s"], plans.probe_source(result)
+    return result["epoch_s"], plans.probe_source(result), result
 
 
 def _concurrency(args: StudyArgs, shape, trials: int, cap: int) -> tuple[int, str]:

@@ -38,8 +38,8 @@ the format stays the one a plain run writes, `checkpoints.member_weights(path, k
 `begin_epoch` from the checkpoint's `stopped` list, to the same slots as the run it continues. Storing only
 the remaining members would save a little disk at the price of a second layout every reader must know.
 The remaining members compute what they would have with the stopped ones still there, up to float rounding
-(vmap batches K members' kernels; tests/test_fused.py), except with dropout or drawing noise: their masks come
-from the one global stream in slot order, which shifts once a member leaves.
+(the kernels batch A members instead of K; tests/test_stuck.py checks it), except with dropout or drawing
+noise: their masks come from the one global stream in slot order, which shifts once a member leaves.
 """
 
 from __future__ import annotations
