@@ -24,10 +24,7 @@ from stawm.train.cli import main
 from stawm.train.data import DataBundle, load_data
 from stawm.train.fused import FusedStack
 
-TOL = 1e-4  # tests/test_fused.py's: a fused member against the same numbers computed in another stack shape
-TIMING = ("epoch_seconds", "images_per_second", "peak_memory_mb")
-COMPARED = ("train_loss", "train_accuracy", "test_error", "max_abs_w", "max_readout", "readout_dead",
-            "readout_saturated", "memory_bound_ratio", "lr", "delta", "eta", "theta")
+from test_fused import COMPARED, TIMING, TOL  # a fused member against the same numbers in another stack shape
 
 
 @pytest.fixture(scope="module")

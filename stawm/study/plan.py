@@ -268,13 +268,17 @@ def _head(split: Split, images: int) -> Split:
 def _remote_probe(flat_cfgs: list[dict], data_root: str, device: str) -> dict:
     """`probe` on a node of the cluster, on what Ray gave the task; a failure comes back as {"error": one line}."""
     node = ray.get_runtime_context().get_node_id()
+    unseen = device == "cuda" and not torch.cuda.is_available()
+    if unseen:  # what a trial given that GPU does with --device auto: train on the node's CPU (trial_device)
+        device = "cpu"
     try:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"Ray gave it a GPU but torch {torch.__version__} sees no CUDA device there")
         result = probe(flat_cfgs, data_root, device)
     except Exception as err:  # a CUDA or data error on that node: its message, not Ray's wrapped traceback
         return {"node": node, "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
-    return {**result, "node": node, "device": torch.cuda.get_device_name(0) if device == "cuda" else device}
+    name = torch.cuda.get_device_name(0) if device == "cuda" else device
+    return {**result, "node": node, "device": name,
+            **({"note": f"Ray gave it a GPU that torch {torch.__version__} does not see there: timed on the CPU, "
+                        "where --device auto trials train"} if unseen else {})}
 
 
 def probe_on_cluster(flat_cfgs: list[dict], data_root: str, cpus_per_trial: float) -> dict:
@@ -291,8 +295,9 @@ def probe_source(result: dict) -> str:
     """What the block says of a probe's figure: what was timed, on what, how it was scaled, what it cost."""
     where = f" of node {result['node'][:8]}" if "node" in result else ""
     threads = f" ({_count(result['threads'], 'thread')})" if result["device"] == "cpu" else ""
+    note = f"; {result['note']}" if result.get("note") else ""
     return (f"probe of {result['steps']} steps on {result['device']}{threads}{where}: {result['step_s']:.3g} s a step x"
-            f" {result['epoch_steps']} steps an epoch (the probe took {result['probe_s']:.1f} s)")
+            f" {result['epoch_steps']} steps an epoch (the probe took {result['probe_s']:.1f} s{note})")
 
 
 # --- concurrency ------------------------------------------------------------------------------------
