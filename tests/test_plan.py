@@ -191,6 +191,7 @@ def study_main(script: str):
     return module.main
 
 
+@pytest.mark.slow  # seconds of a real run: the full suite's (the fast one stays under its budget)
 def test_plan_flag_prints_the_plan_and_exits_0_before_any_trial(tmp_path, capsys, monkeypatch):
     import ray
 

@@ -81,6 +81,7 @@ def ours(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if "INFO mlflow." not in line]
 
 
+@pytest.mark.slow  # seconds of a real run: the full suite's (the fast one stays under its budget)
 def test_a_resume_that_changes_the_study_or_names_none_is_one_line_and_starts_nothing(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     flags = ["--quick", "--tracking-uri", uri, "--storage", str(tmp_path / "ray"), "--name", "g"]

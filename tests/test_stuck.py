@@ -95,6 +95,7 @@ def test_the_argument_on_the_memory_itself():
 
 # --- a plain run -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # seconds of a real run: the full suite's (the fast one stays under its budget)
 def test_a_plain_stuck_run_stops_after_its_first_epoch_and_resumes_to_nothing(data, tmp_path):
     stuck = base(theta=0.0, epochs=2)
     stopped = [untimed(r) for (r,) in train([stuck], data=data, checkpoint_dir=tmp_path)]
@@ -235,6 +236,7 @@ def test_a_diverged_member_still_reports_an_error_of_one():
     assert stopped_metrics({"stability": REPORT, "stopped": True}, cfg)[schema.TEST_ERROR] == 1.0  # an older state
 
 
+@pytest.mark.slow  # seconds of a real run: the full suite's (the fast one stays under its budget)
 def test_a_stuck_members_run_is_closed_finished_and_tagged_never_stopped_early(tmp_path):
     """Two fused members in a real (SQLite) store: member 1 stops stuck after epoch 1, then Tune stops the trial
     after epoch 2 of 3. Member 0's run is marked stopped early; member 1's says why it stopped instead."""
