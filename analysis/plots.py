@@ -77,6 +77,7 @@ def plot_ablation(runs: pd.DataFrame, x: str, metric: str | None = None, seeds_e
         ax.set_yticks([])
     ax.set_xlabel(x)
     ax.set_ylabel(label)
+    style.within_percent(ax, metric)
     handles = [] if hue else [Line2D([], [], marker="o", linestyle="none", color=colors[0], alpha=0.5,
                                      label="each seed")]
     if left_out.any():
@@ -208,6 +209,7 @@ def plot_curves(history: pd.DataFrame, by: str | Sequence[str] = (), runs: pd.Da
         ax.text(0.5, 0.5, "no history", transform=ax.transAxes, ha="center")
     style.epochs_axis(ax, data["step"])
     ax.set_ylabel(label)
+    style.within_percent(ax, metric)
     left = "; flagged runs left out" if exclude_flagged and runs is not None else ""
     style.title(ax, (f"{label}: 1 seed per line{left}" if seeds == "1"  # a line per run: no spread to show
                      else f"{label}: mean [95% t interval] over {seeds} seeds per line{left}"))

@@ -220,9 +220,9 @@ def log_files(paths: list[Path], parent_run_id: str | None, args: ReportArgs) ->
 
     client = MlflowClient(tracking_uri=args.tracking_uri)
     for path in paths:
-        client.log_artifact(parent_run_id, str(path), "report")
-    print(f"wrote {len(paths)} files to {args.out} and logged them on run {parent_run_id} under report/",
-          file=sys.stderr)
+        client.log_artifact(parent_run_id, str(path), schema.REPORT_ARTIFACT_DIR)
+    print(f"wrote {len(paths)} files to {args.out} and logged them on run {parent_run_id} under "
+          f"{schema.REPORT_ARTIFACT_DIR}/", file=sys.stderr)
 
 
 def main(argv=None) -> int:

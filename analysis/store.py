@@ -13,7 +13,8 @@ Every function of the analysis takes or returns **runs**: a pandas DataFrame wit
 - the last logged value of every metric, named as logged (`schema.TEST_ERROR`, `schema.TRAIN_LOSS`,
   `schema.BEST_TEST_ERROR`, ...), except metrics that share a config field's name: the learned
   rates (`schema.RATE_METRICS`) at the end of training are `final_delta`, `final_eta`,
-  `final_theta` (the columns `delta`, `eta`, `theta` are the configured starting rates);
+  `final_theta` (the columns `delta`, `eta`, `theta` are the configured starting rates); MLflow's system metrics
+  (`system/...`, --system-metrics) are left out: they measure the machine, not the run;
 - the Appendix A verdict: `stability_ok` (bool), `flags` (comma-separated failed conditions, ""
   if none), `flagged` (bool, = not stability_ok), `static_ok` (bool: passed before training),
   `diverged` (bool: the loss went non-finite). A run that has not written these tags yet counts
@@ -122,7 +123,8 @@ def _run_row(run, types: dict[str, type]) -> dict:
     except schema.ParamError as err:
         raise schema.ParamError(f"run {info.run_id}: param {err}") from None
     for key, value in run.data.metrics.items():
-        row[f"final_{key}" if key in types else key] = value
+        if not key.startswith(schema.SYSTEM_METRICS_PREFIX):  # the machine's load, not a result of the run
+            row[f"final_{key}" if key in types else key] = value
     ok = schema.read_tag_bool(tags, schema.STABILITY_OK, True)
     row.update(stability_ok=ok, flags=tags.get(schema.STABILITY_FLAGS, ""), flagged=not ok,
                static_ok=schema.read_tag_bool(tags, schema.STABILITY_STATIC_OK, True),

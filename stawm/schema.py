@@ -7,17 +7,21 @@ from the project, nor torch, Ray or MLflow: the analysis side reads it on a mach
 
 The layout of a study in MLflow:
 - experiment = the study's name;
-- the experiment tagged EXPERIMENT_KIND = EXPERIMENT_KIND_TRAINING;
+- the experiment tagged EXPERIMENT_KIND = EXPERIMENT_KIND_TRAINING and shared_view(BY_CONFIG_VIEW) = a UI view of
+  seeds grouped by CONFIG;
 - one parent run per study, named after it: ROLE = ROLE_STUDY, STUDY, GIT_COMMIT, GIT_DIRTY, SOURCE_NAME,
-  SOURCE_TYPE, NOTE (the command line, credentials redacted); params SEEDS, SWEPT and the study's flags;
+  SOURCE_TYPE, NOTE (the command line, credentials redacted), the driver's versions (env_tag(...), ENV_LOCK);
+  params SEEDS, SWEPT and the study's flags;
   the plan made before its first trial: params PLAN_PARAMS, artifacts PLAN_TEXT_ARTIFACT and PLAN_ARTIFACT;
 - one child run per Tune trial (and per member of a trial of fused seeds): PARENT_RUN_ID, ROLE =
-  ROLE_TRIAL, STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER), GIT_COMMIT, GIT_DIRTY, SOURCE_NAME, SOURCE_TYPE, HOST,
-  NODE, DEVICE, GPU, CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped
+  ROLE_TRIAL, STUDY, PRESET, SEED, CONFIG, TRIAL_ID (+ MEMBER), GIT_COMMIT, GIT_DIRTY, SOURCE_NAME, SOURCE_TYPE,
+  HOST, NODE, DEVICE, GPU, the environment (env_tag(...), ENV_LOCK; on a GPU ENV_DEVICE_NAME, ENV_CUDA, ENV_DRIVER),
+  CHECKPOINT, the Appendix A verdict (STABILITY_TAGS), STOPPED_EARLY when a scheduler stopped
   it, STOP_REASON, STOP_EPOCH, STOP_MAX_ABS_W (and FINAL_ERROR) when it stopped on its own; a run name made of
   its swept values ("glimpse_size=8 seed=1"); the dataset as a run input (name, source,
   digest; DATASET_CONTEXT); params = the flat Config; metrics per epoch (step = epoch) under the
-  training loop's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT.
+  training loop's record keys, BEST_TEST_ERROR beside them; artifacts CONFIG_ARTIFACT and STABILITY_ARTIFACT;
+  its final and best epochs' weights as LoggedModels (source_run_id = the run; MODEL_KIND, MODEL_EPOCH, below).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ FINAL_ERROR = "stawm.final_error"  # set when the final test error was not measu
 FINAL_ERROR_LAST_MEASURED = "last measured"  # a stuck run's: measured after the epoch it stopped, standing for the rest
 EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag MLflow 3's UI reads to choose the experiment's first view
 EXPERIMENT_KIND_TRAINING = "custom_model_development"  # model training runs (not GenAI traces)
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # MLflow's own: + a key, an experiment tag holding a saved UI view
+BY_CONFIG_VIEW = "stawm-by-config"  # the view of a study's runs with seeds grouped by CONFIG (tracking.experiment)
 DATASET_CONTEXT = "mlflow.data.context"  # tag of a run's dataset input: what the run used it for
 DATASET_CONTEXT_TRAINING = "training"  # "true" when a scheduler stopped the trial before its last epoch
 
@@ -62,6 +68,27 @@ STABILITY_FLAGS = "stability.flags"  # the failed conditions' names, comma-separ
 STABILITY_STATIC_OK = "stability.static_ok"  # passed before training
 STABILITY_DIVERGED = "stability.diverged"  # an outcome, not a condition: loss, gradients or W went non-finite
 STABILITY_TAGS = (STABILITY_OK, STABILITY_FLAGS, STABILITY_STATIC_OK, STABILITY_DIVERGED)
+
+CONFIG = "stawm.config"  # a trial's configuration: its run name without the seed; the UI groups seeds by it
+
+# what computed a run (stawm.study.environment): versions on every run, the device's on a trial's (each attempt's)
+ENV_PREFIX = "stawm.env."  # + a package's name (env_tag): its installed version; + "python": Python's
+ENV_LOCK = "stawm.env.lock_sha256"  # first 16 hex digits of requirements/lock.txt's SHA-256 (absent: no lock file)
+ENV_DEVICE_NAME = "stawm.env.device_name"  # the CUDA card (absent on a CPU)
+ENV_CUDA = "stawm.env.cuda"  # the CUDA version torch was built for
+ENV_DRIVER = "stawm.env.nvidia_driver"  # the NVIDIA driver's version (NVML)
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's system metrics (--system-metrics): not a training metric
+
+
+def shared_view(key: str) -> str:
+    """The experiment tag holding MLflow's UI view `key` (a URL's viewStateShareKey)."""
+    return SHARED_VIEW_PREFIX + key
+
+
+def env_tag(package: str) -> str:
+    """The tag holding `package`'s installed version (or python's): stawm.env.torch."""
+    return ENV_PREFIX + package
+
 
 # --- params of the parent run ---------------------------------------------------------------------
 
@@ -97,6 +124,17 @@ CONFIG_ARTIFACT = "config.json"  # the flat Config
 STABILITY_ARTIFACT = "stability.json"  # the Appendix A report
 PLAN_TEXT_ARTIFACT = "plan.txt"  # the parent run's: the plan's block as the study printed it
 PLAN_ARTIFACT = "plan.json"  # the parent run's: every figure of the plan and where it comes from
+REPORT_ARTIFACT_DIR = "report"  # the parent run's: stawm-report's files, written at the study's end (parent_report)
+
+# --- logged models ----------------------------------------------------------------------------------
+# Each member's weights as MLflow 3 LoggedModels (stawm.study.models): the final epoch's, and the best epoch's by
+# TEST_ERROR when that is another one. The model's tags besides STUDY, PRESET, SEED, TRIAL_ID (+ MEMBER):
+
+MODEL_KIND = "stawm.model_kind"  # which epoch's weights the model holds: MODEL_FINAL or MODEL_BEST
+MODEL_FINAL = "final_epoch"  # the member's last epoch (one that stopped on its own: the epoch it stopped after)
+MODEL_BEST = "best_epoch"  # its lowest TEST_ERROR (the first epoch to reach it), when that is not its last epoch
+MODEL_EPOCH = "stawm.model_epoch"  # the epoch whose weights it holds (its metrics are that epoch's)
+MODELS_SKIPPED = "stawm.models_skipped"  # the run's tag: the models not logged and why ("final: diverged ...")
 
 # --- values -----------------------------------------------------------------------------------------
 

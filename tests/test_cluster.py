@@ -159,7 +159,7 @@ def start_early() -> FakeCluster:
         storage = cluster.temp_dir / "storage"  # one machine: shared by every fake node, as STAWM_SHARED_STORAGE=1 says
         cluster.study = submit(cluster, f"STAWM_SHARED_STORAGE=1 python studies/glimpse_size.py --quick --seeds 1"
                                         f" --set max_steps=3 --name on-cluster --storage {storage} --tracking-uri"
-                                        f" {cluster.tracking_uri} --gpus-per-trial 0.5 --cpus-per-trial 1")
+                                        f" {cluster.tracking_uri} --gpus-per-trial 0.5 --cpus-per-trial 1 --no-report")
     except BaseException:
         cluster.stop()
         raise

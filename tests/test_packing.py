@@ -162,7 +162,8 @@ def test_glimpse_size_quick_with_fused_seeds_end_to_end(shared_ray_studies, tmp_
 
     # Tune ran one trial per glimpse size, each over both seeds
     assert "fused: 2 trials" in stdout
-    lines = [line for line in stdout.splitlines() if "glimpse_size=" in line and "seed=0,1" in line]
+    lines = [line for line in stdout.splitlines()  # the summary's, indented (not the trials' "ended  ..." lines)
+             if line.startswith("  ") and "glimpse_size=" in line and "seed=0,1" in line]
     assert len(lines) == 2 and all("conditions met" in line and "test_error=0." in line for line in lines)
     assert "--gpus-per-trial auto: 0 GPU per trial (the Ray cluster (1 node) has no GPU and can start none" in stdout
 

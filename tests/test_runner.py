@@ -73,7 +73,7 @@ def test_killed_study_resumes_on_two_nodes_with_one_run_per_trial(on_cluster, ml
     epochs = 8
     command = [sys.executable, "studies/glimpse_size.py", "--quick", "--seeds", "1", "--epochs", str(epochs),
                "--set", "max_steps=5", "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray"),
-               "--name", "killed"]
+               "--name", "killed", "--no-report"]  # the report at the end: test_parent_report
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240

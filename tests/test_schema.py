@@ -27,6 +27,7 @@ IGNORED = {
     schema.FALSE: "the same",
     schema.ROLE_STUDY: "a generic word; only a value of the ROLE tag",
     schema.ROLE_TRIAL: "the same",
+    schema.REPORT_ARTIFACT_DIR: "a generic word: also the key of a queued epoch's stability report (outbox.py)",
     schema.SEEDS: "the parent's param is named after the --seeds flag: the flag, StudyArgs.seeds and "
                   "flags.seeds() spell it as a name in their own right",
     **{rate: "the rate metrics are named after the config fields delta, eta, theta (one name per concept): "

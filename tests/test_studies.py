@@ -11,13 +11,16 @@ stage, statuses, params and metrics. Bad arguments are checked in-process throug
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +111,8 @@ def test_glimpse_size_quick_end_to_end(glimpse_size_study, tmp_path):
         report = json.loads((folder / schema.STABILITY_ARTIFACT).read_text())
         assert report["ok"] and not report["diverged"] and len(report["history"]) == 2
 
-    lines = [line for line in glimpse_size_study["stdout"].splitlines() if "glimpse_size=" in line and "seed=" in line]
+    lines = [line for line in glimpse_size_study["stdout"].splitlines()  # the summary's, indented (not "ended  ...")
+             if line.startswith("  ") and "glimpse_size=" in line and "seed=" in line]
     assert len(lines) == 4 and all("conditions met" in line and "test_error=0." in line for line in lines)
     assert f"mlflow ui --backend-store-uri {glimpse_size_study['uri']}" in glimpse_size_study["stdout"]
 
@@ -139,6 +143,20 @@ def test_runs_read_as_mlflow_users_expect(glimpse_size_study):
         state = torch.load(weights, weights_only=True)
         assert state["epoch"] == 2 and [Config.from_flat(c) for c in state["configs"]] == [Config.from_flat(params)]
     assert len({c.info.run_name for c in children}) == len(children) == 4
+    # the configuration tag: one per glimpse size, both seeds under it (what MLflow's UI groups runs by)
+    groups = {}
+    for child in children:
+        groups.setdefault(child.data.tags[schema.CONFIG], set()).add(child.data.params["seed"])
+    assert groups == {"glimpse_size=6": {"0", "1"}, "glimpse_size=8": {"0", "1"}}
+    # what computed each run: the versions installed here (the study ran in this environment), the lock's digest
+    lock = hashlib.sha256((REPO / "requirements" / "lock.txt").read_bytes()).hexdigest()[:16]
+    for run in (parent, *children):
+        tags = run.data.tags
+        assert {p: tags[f"stawm.env.{p}"] for p in ("torch", "ray", "mlflow", "optuna")} == {
+            p: metadata.version(p) for p in ("torch", "ray", "mlflow", "optuna")}
+        assert tags["stawm.env.python"] == platform.python_version() and tags["stawm.env.lock_sha256"] == lock
+        assert schema.ENV_DEVICE_NAME not in tags  # trained on a CPU
+        assert not [k for k in run.data.metrics if k.startswith("system/")]  # --system-metrics auto: off on a CPU
 
 
 def test_a_trial_run_killed_before_its_dataset_was_logged_gets_it_once_on_retry(mlflow_server):

@@ -101,7 +101,7 @@ def study_command(outage, name: str, *flags: str) -> list[str]:
     # its two trials one after the other, in one worker process (as the other quick studies, quick_studies.STUDIES)
     return [sys.executable, "studies/glimpse_size.py", "--quick", "--seeds", "1", "--epochs", str(EPOCHS),
             "--set", "max_steps=4", "--max-concurrent", "1", "--tracking-uri", outage.uri,
-            "--storage", str(outage.root / "ray"), "--name", name, *flags]
+            "--storage", str(outage.root / "ray"), "--name", name, "--no-report", *flags]
 
 
 def run_with_outage(outage, command: list[str], env: dict, back_at_once: bool) -> subprocess.CompletedProcess:

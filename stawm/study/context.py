@@ -29,3 +29,4 @@ class TrialContext:
     gpu_fraction: float = 0.0  # share of a GPU per trial; below 1 the trial caps its CUDA memory to it
     gpu_overhead_mb: float = 0.0  # CUDA memory a trial's process holds outside torch's allocator (probed)
     fuse_seeds: bool = False  # --fuse-seeds: each trial trains the seeds of its `seeds` list as one fused model
+    system_metrics: str = "auto"  # --system-metrics: on | off | auto (on when the trial trains on a GPU)

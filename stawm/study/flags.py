@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import tyro
 from ray import tune
@@ -54,6 +54,7 @@ class StudyFlags(TrackingFlags):
     name: Annotated[str, flag(unset="the script's name")] = ""
     seeds: Annotated[PositiveInt, flag(unset="5; 2 with --quick")] = 0  # seeds per configuration: 0..SEEDS-1
     quick: bool = False  # small mode: tiny preset on mnist-sample, 1 epoch, 2 seeds, a small grid
+    verbose: bool = False  # Tune's status tables and Ray's line per checkpoint on the console too (Ray logs both)
     # run provably stuck runs to their last epoch too (the config's stop_stuck=False; by default such a run stops
     # after the epoch that shows it, stawm.conditions.provably_stuck)
     no_early_stop: bool = False
@@ -64,11 +65,15 @@ class StudyFlags(TrackingFlags):
         unset=f"${BUDGET_ENV} or {DEFAULT_BUDGET_S:.0f}",
         help="seconds a trial keeps training while the tracking server does not answer, its epochs queued and "
              "logged when it answers again; past it the trial fails, its epochs kept for --resume")] = 0.0
+    # MLflow's system metrics (CPU, memory, GPU utilisation) on each trial's runs, sampled every 10 s; auto: on when
+    # the trial trains on a GPU
+    system_metrics: Literal["auto", "on", "off"] = "auto"
     # print the study's plan (trials, seconds per epoch and from where, concurrency, wall time, device-hours) and exit
     # 0 without starting a trial
     plan: bool = False
     # price of one device-hour (a GPU-hour, or a CPU-core-hour when trials get no GPU): adds the cost to the plan
     price_per_hour: Annotated[NaturalFloat, flag(unset="none", metavar="X")] = 0.0
+    no_report: bool = False  # skip the report (stawm-report's tables and plots) logged on the parent run at the end
 
 
 @dataclass

@@ -1,23 +1,26 @@
 """A trial's MLflow runs behind one small interface: `RunRecorder`.
 
-The trainable calls it at four moments: when the trial starts (`open`, then `resume` from a checkpoint),
+The trainable calls it at five moments: when the trial starts (`open`, then `resume` from a checkpoint),
 after each epoch (`epoch`, which returns what Tune is told), once the epoch's checkpoint is stored
-(`checkpoint`), and when the trial ends (leaving its `with` block: finished, stopped by Tune, or failed). Each
-member of a trial (one per seed it trains) keeps its own run. Behind the interface: the outbox that rides out a
-tracking server that does not answer (`stawm.study.outbox`), with its outage budget, and the verdict tags.
+(`checkpoint`), once it has trained its last epoch (`finish`: each member's weights as LoggedModels,
+`stawm.study.models`), and when the trial ends (leaving its `with` block: finished, stopped by Tune, or failed).
+Each member of a trial (one per seed it trains) keeps its own run. Behind the interface: the outbox that rides out
+a tracking server that does not answer (`stawm.study.outbox`), with its outage budget, and the verdict tags.
 
 A member that stops on its own (its record's stop_reason: diverged, or its memory provably stuck) ends its run
-FINISHED after that epoch, tagged why and when (schema.STOP_REASON, STOP_EPOCH, STOP_MAX_ABS_W; a stuck one's
-FINAL_ERROR says its final test error is the last one measured), and the other members go on. An exception
+FINISHED after that epoch, its models logged, tagged why and when (schema.STOP_REASON, STOP_EPOCH, STOP_MAX_ABS_W;
+a stuck one's FINAL_ERROR says its final test error is the last one measured), and the other members go on. An exception
 ends the open runs FAILED (Tune retries the trial); Tune stopping the trial (a scheduler's decision, raised as
 SystemExit inside `tune.report`) ends them FINISHED, marked as stopped early (not the members that had stopped
-on their own).
+on their own); Tune stopping it because the study was interrupted (the same SystemExit, once the study's parent run
+is KILLED: `runner.Study.mark_killed`) ends them KILLED, for --resume to continue.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
@@ -26,7 +29,7 @@ from .. import schema
 from ..config import Config
 from ..model.stability import StabilityMonitor
 from ..train.data import DataBundle
-from . import outbox, tracking
+from . import models, outbox, tracking
 from .context import TrialContext
 
 UNLOGGED = "unlogged"  # in a member's saved state: the epochs its run did not hold yet (the outbox's)
@@ -41,6 +44,7 @@ class Member:
     resumed: bool  # the run existed: a retried or restored trial goes on in it
     state: dict  # its stability report, best test error, whether and why it stopped (saved in each checkpoint)
     open: bool = True  # its run is RUNNING
+    models_logged: bool = False  # its LoggedModels are logged, or given up on (stawm.study.models)
 
 
 class RunRecorder:
@@ -54,6 +58,7 @@ class RunRecorder:
         self.server = outbox.Server(context.tracking_uri, context.outage_budget_s, f"trial {trial_name}")
         self.server.went_on(down_since)
         self.box = outbox.Outbox(MlflowClient(context.tracking_uri), self.server)
+        self.parent_run_id = context.parent_run_id
         fused = len(cfgs) > 1
         self.members = [Member(cfg, *self.server.wait_call(
             tracking.open_trial_run, self.box.client, context, cfg, trial_id, trial_name, placement,
@@ -61,10 +66,13 @@ class RunRecorder:
             state={"stability": StabilityMonitor(cfg).report()})  # before any epoch: the static check
             for k, cfg in enumerate(cfgs)]
         self.last_epoch = 0
+        self.folder: Path | None = None  # the trial's local checkpoint folder: its members' weights
 
-    def resume(self, saved: dict | None, checkpoint_uri: str | None) -> None:
+    def resume(self, saved: dict | None, checkpoint_uri: str | None, folder: Path | None = None) -> None:
         """Take up the members' saved states and the epochs their runs do not hold yet; close the runs of
-        members that stopped before the restart."""
+        members that stopped before the restart. folder: where the loop's checkpoint is (restored), for the
+        members' models; None logs none."""
+        self.folder = folder
         if saved is not None:
             self.last_epoch = saved["epoch"]
             for member, state in zip(self.members, saved["members"]):
@@ -109,6 +117,14 @@ class RunRecorder:
         self._close_stopped()
         self.server.check_budget(self.box.describe())
 
+    def finish(self) -> None:
+        """The trial has trained its last epoch: log each open member's models, once its epochs are logged (both
+        waiting for the server within the outage budget), while the checkpoint folder is still there."""
+        self.box.drain()
+        for member in self.members:
+            if member.open:
+                self._log_models(member, wait=True)
+
     def __enter__(self) -> RunRecorder:
         return self
 
@@ -119,9 +135,15 @@ class RunRecorder:
                 if member.open:
                     self.server.wait_call(self._close, member, "FINISHED", doing="waits to close its runs")
         elif issubclass(kind, SystemExit):  # Tune stopped the trial inside tune.report: not a failure
+            # an interrupted study (Ctrl-C) marks its parent KILLED before Tune stops its trials: --resume goes on
+            killed = self.server.down_since is None and self.server.try_call(
+                tracking.study_killed, self.box.client, self.parent_run_id)[1]
             for member in self.members:  # a member that had stopped on its own was not stopped by Tune
-                self._close_now(member, "FINISHED", stopped_early=self.last_epoch < member.cfg.epochs
-                                and not member.state.get("stopped"))
+                if killed:
+                    self._close_now(member, "KILLED")
+                else:
+                    self._close_now(member, "FINISHED", stopped_early=self.last_epoch < member.cfg.epochs
+                                    and not member.state.get("stopped"))
         else:
             for member in self.members:
                 self._close_now(member, "FAILED")
@@ -151,12 +173,33 @@ class RunRecorder:
             self.server.try_call(self._close, member, status, **kwargs)
 
     def _close_stopped(self) -> None:
-        """Close the runs of members that stopped (diverged or stuck) once their epochs are logged: FINISHED, their
-        verdict and why they stopped in the tags. While the server does not answer they stay open, and close at a
-        later epoch or the end."""
+        """Close the runs of members that stopped (diverged or stuck) once their epochs and models are logged:
+        FINISHED, their verdict and why they stopped in the tags. While the server does not answer they stay open,
+        and close at a later epoch or the end."""
         for member in self.members:
-            if member.open and member.state.get("stopped") and self.box.flush():
+            if (member.open and member.state.get("stopped") and self.box.flush()
+                    and self._log_models(member, wait=False)):
                 self.server.try_call(self._close, member, "FINISHED")
+
+    def _log_models(self, member: Member, wait: bool) -> bool:
+        """Log the member's models once (`models.log_member_models`), waiting for the server or trying once; True
+        when done or given up on, False when the server did not answer (tried again later). Any other failure is
+        one line, and the run closes without them: a model never fails a trial that trained."""
+        if member.models_logged or self.folder is None:
+            return True
+        stop = member.state.get("stop", {})
+        args = (self.box.client, member.run_id, member.cfg, self.folder, self.members.index(member),
+                stop.get("epoch", self.last_epoch), member.state["stability"]["diverged"])
+        try:
+            if wait:
+                self.server.wait_call(models.log_member_models, *args, doing="waits to log its models")
+            elif not self.server.try_call(models.log_member_models, *args)[0]:
+                return False
+        except Exception as err:  # an error the server answered, a store refusing the artifacts, the budget spent
+            print(f"{self.server.who}: the models of seed {member.cfg.seed} not logged ({type(err).__name__}: "
+                  f"{' '.join(str(err).split())[:200]}); its run closes without them", flush=True)
+        member.models_logged = True
+        return True
 
 
 # --- what Tune sees --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .flags import StudyArgs
 MAY_CHANGE = frozenset({
     "seeds", "name", "tracking_uri", "storage", "data_root", "device", "gpus_per_trial", "cpus_per_trial",
     "max_concurrent", "max_failures", "fuse_seeds", "tracking_outage_budget", "plan", "price_per_hour",
-    "optuna_storage",
+    "optuna_storage", "system_metrics", "no_report", "verbose",
 })
 
 

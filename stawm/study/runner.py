@@ -29,7 +29,10 @@ Each job has its module, and this one gathers what a study needs of them (`__all
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +42,9 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray import tune
 
-from .. import provenance, schema, store_uri
+from .. import provenance, store_uri
 from ..train import CHECKPOINT
-from . import cluster, gpu_share, outbox, preflight, resume, tracking
+from . import cluster, gpu_share, outbox, parent_report, preflight, progress, resume, tracking
 from . import plan as plans
 from .flags import StudyArgs, check_grid, experiment_path, fail, parse_args, seed_space, seeds, variant
 from .context import TrialContext
@@ -62,6 +65,19 @@ class Study:
     context: TrialContext
     plan: Plan | None = None  # what `plan` expected of this launch: set against what it took in the closing summary
     started: float = field(default_factory=time.monotonic)  # once its parent run is open: the plan's wall time starts
+    report: bool = False  # write stawm-report's files on the parent run at the end (start_study: unless --no-report)
+    interrupted: int = 0  # the signal (SIGINT, SIGTERM) that stopped it, once caught (`_catch_interrupts`)
+    stopped: set = field(default_factory=set)  # the trials Tune had not ended when it stopped (`progress.Progress`)
+    handlers: dict = field(default_factory=dict)  # the signal handlers before start_study's: finish_study's again
+
+    def mark_killed(self) -> None:
+        """The parent run KILLED, once interrupted and before Tune stops the trials: each trial Tune stops then
+        sees it (`recorder`), and leaves its runs KILLED for --resume, not stopped early. One try: a tracking
+        server that does not answer leaves it to `finish_study`."""
+        try:
+            MlflowClient(self.tracking_uri).set_terminated(self.parent_run_id, "KILLED")
+        except Exception as err:  # finish_study closes the runs either way
+            print(f"the parent run not marked KILLED yet ({type(err).__name__}); the study's end does it", flush=True)
 
     @property
     def name(self) -> str:  # MLflow experiment and the parent run's STUDY tag
@@ -121,20 +137,62 @@ def start_study(args: StudyArgs, swept: list[str], *, name: str | None = None, f
         base_config={**args.config, **(fixed or {})}, swept=tuple(s for s in swept if s != "seed"),
         outage_budget_s=args.tracking_outage_budget, git_commit=commit, git_dirty=dirty, source=source,
         data_root=args.data_root, device=args.device, gpu_fraction=float(args.gpus_per_trial),
-        gpu_overhead_mb=args.gpu_choice.get("probe_overhead_mb", 0.0), fuse_seeds=args.fuse_seeds)
+        gpu_overhead_mb=args.gpu_choice.get("probe_overhead_mb", 0.0), fuse_seeds=args.fuse_seeds,
+        system_metrics=args.system_metrics)
     if plan is not None:
         plan.log(client, parent)
-    return Study(context, plan)
+    study = Study(context, plan, report=not args.no_report)
+    _catch_interrupts(study, args.verbose)
+    progress.follow(study)  # the study whose trials run_config's progress line counts
+    return study
+
+
+def _catch_interrupts(study: Study, verbose: bool) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM, caught once: the study is marked interrupted, and its Progress callback stops Tune
+    at its next step as Tune stops on Ctrl-C (its SIGUSR1 handler: the experiment's state is saved with the trials
+    as they were, then their actors are stopped), so that `finish_study` leaves their runs for --resume. A second
+    signal ends the driver at once, its runs as a kill leaves them (--resume continues them too). Tune's own SIGINT
+    handler is off (TUNE_DISABLE_SIGINT_HANDLER): it would take SIGINT over during fit(), and it has none for
+    SIGTERM. Only the main thread can set handlers (a study run from another thread keeps Tune's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when fit() starts
+
+    def interrupted(signum, frame):
+        if study.interrupted:
+            print(f"\n{signal.Signals(signum).name} again: stopping now. {_resume_line()}", flush=True)
+            raise SystemExit(128 + study.interrupted)
+        study.interrupted = signum
+        if not verbose:  # Tune's lines on the way out ("Stop signal received", Tuner.restore...): _resume_line says it
+            for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        print(f"\n{signal.Signals(signum).name}: stopping the study's trials (again to stop at once)", flush=True)
+
+    study.handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _resume_line() -> str:
+    """How to continue an interrupted study: the command that started it, with --resume."""
+    command = provenance.command_line()
+    return f"interrupted; resume with: {command if ' --resume' in command else command + ' --resume'}"
 
 
 def _connect_ray(args: StudyArgs) -> None:
-    """Join the Ray cluster named by RAY_ADDRESS, else start one on this machine; nothing if Ray is up already."""
+    """Join the Ray cluster named by RAY_ADDRESS, else start one on this machine; nothing if Ray is up already.
+    Unless --verbose, Ray's console is quieted to what `progress` prints (its Ray settings are named below)."""
+    if not args.verbose:
+        # RAY_AIR_NEW_OUTPUT=0: Tune's older console, silent at run_config's verbose=0 (the newer one still prints its
+        # experiment table and TensorBoard hint); a resumed Tuner, whose saved RunConfig applies, is quiet too
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         env = {"MLFLOW_TRACKING_URI": args.tracking_uri,
                # trials import stawm: from this checkout when it is not installed on the nodes
                "PYTHONPATH": os.pathsep.join(p for p in (str(provenance.PROJECT_ROOT), os.environ.get("PYTHONPATH"))
                                              if p)}
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
+        # worker_process_setup_hook: each worker quiets Ray's line per checkpoint (`progress.quiet_worker`); the
+        # workers' other lines still reach this console (log_to_driver stays on: a trial's outage lines print there)
+        quiet = {} if args.verbose else {"worker_process_setup_hook": "stawm.study.progress.quiet_worker"}
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env, **quiet})
 
 
 def _resumed_study(args: StudyArgs, client: MlflowClient, swept: list[str], name: str) -> tuple:
@@ -303,12 +361,17 @@ def run_config(args: StudyArgs, name: str | None = None) -> tune.RunConfig:
 
     Tune deletes no checkpoint (num_to_keep=None): the trial empties older ones itself, and a resumed
     trial continues from the newest complete one (why: `stawm.tune_checkpoints`).
+
+    The console: the study's progress line and its trials' events (`progress.Progress`); Tune's own status tables
+    and trial lines only with --verbose (Tune's `verbose`: 0 silences them, None keeps Tune's default).
     """
     return tune.RunConfig(
         name=name or args.tune_name or args.name,
         storage_path=args.storage,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        callbacks=[progress.Progress(live=False if args.verbose else None)],  # plain lines between Tune's tables
+        verbose=None if args.verbose else 0,
     )
 
 
@@ -373,39 +436,54 @@ def finish_study(study: Study, results) -> int:
     """Close runs Tune stopped from outside, end the parent run, print one line per trial; 0 if no trial errored.
 
     `results`: a ResultGrid, or the Results of several Tuners of one study. A tracking server that does not
-    answer is waited for within the outage budget; past it the runs stay RUNNING for --resume to close."""
+    answer is waited for within the outage budget; past it the runs stay RUNNING for --resume to close. Then, unless
+    --no-report, stawm-report's tables and plots on the parent run (`parent_report`: a failure there is one line)."""
+    for sig, handler in study.handlers.items():  # signals from here on: as before the study
+        signal.signal(sig, handler)
     results = list(results)
     errors = sum(result.error is not None for result in results)
     print(f"\n{study.name}: {len(results)} trials")
     for result in results:
         print("  " + _summary_line(result, study, result.metrics.get("trial_id") or Path(result.path).name))
     server = outbox.Server(study.tracking_uri, study.context.outage_budget_s, "the study driver")
+    unclosed = ""  # why the study's runs could not be closed, if so: then no report
     try:
         server.wait_call(_close_study, study, results, errors, doing="waits to close the study's runs")
     except outbox.OutageBudgetExceeded as err:
         print(f"{err}; the study's runs stay RUNNING until the same command with --resume closes them", flush=True)
         errors += 1
+        unclosed = "the tracking server did not answer: the study's runs stay RUNNING; --resume writes it"
     if outage := _outage_line(results, server):
         print(outage)
-    if study.plan is not None:
+    if study.plan is not None and not study.interrupted:
         print(study.plan.against(len(results), time.monotonic() - study.started))
-    # MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag says; the URL chooses training
-    page = f"#/experiments/{study.experiment_id}?workflowType=machine_learning"
+    # once its runs are closed, as the analysis reads them; a terminated run still takes artifacts
+    if study.report and not study.interrupted:
+        parent_report.write_report(study.name, study.tracking_uri, study.parent_run_id, skip=unclosed,
+                                   metric=parent_report.scored_on(study.context.base_config))
+    page = tracking.ui_page(study.experiment_id)  # its runs, seeds grouped by configuration
     uri = provenance.redact(study.tracking_uri)
     where = (f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
              if not uri.startswith("http") else f"{uri.rstrip('/')}/{page}")
     print(f"MLflow experiment {study.name!r}, parent run {study.parent_run_id}: {where}", flush=True)
+    if study.interrupted:
+        print(_resume_line(), flush=True)
+        return 128 + study.interrupted  # 130 for SIGINT, the shell's convention
     return 1 if errors else 0
 
 
 def _close_study(study: Study, results: list, errors: int) -> None:
     """The trials' runs left RUNNING, then the parent run: all again if the server stops answering midway
-    (each step can be repeated)."""
+    (each step can be repeated). An interrupted study's unfinished trials keep their runs for --resume, KILLED, as
+    the parent run."""
     client = MlflowClient(study.tracking_uri)
     for result in results:
-        if result.metrics.get("trial_id"):  # absent if the trial never reported
-            _close_left_running(client, study, result.metrics["trial_id"], result)
-    client.set_terminated(study.parent_run_id, "FAILED" if errors else "FINISHED")
+        trial_id = result.metrics.get("trial_id")  # absent if the trial never reported
+        if trial_id and trial_id not in study.stopped:
+            _close_left_running(client, study, trial_id, result)
+    for trial_id in study.stopped:
+        tracking.leave_for_resume(client, study.experiment_id, study.parent_run_id, trial_id)
+    client.set_terminated(study.parent_run_id, "KILLED" if study.interrupted else "FAILED" if errors else "FINISHED")
 
 
 def _outage_line(results: list, driver: outbox.Server) -> str:
@@ -438,16 +516,14 @@ def _close_left_running(client: MlflowClient, study: Study, trial_id: str, resul
 
 
 def _summary_line(result, study: Study, trial_id: str) -> str:
+    if result.config is None:  # a trial an interrupted study never started
+        return f"{trial_id}  not started"
     # with several seeds (fused), Tune's numbers are their means (`recorder.tune_report`)
     config = {**study.context.base_config, **result.config, **result.config.get("variant", {}),
               "seed": ",".join(map(str, member_seeds(result.config, study.context)))}
     shown = tracking.run_name(config, list(study.context.swept))
     if result.error is not None:
         return f"{trial_id}  {shown}  ERROR: {str(result.error).strip().splitlines()[-1]}"
-    m = result.metrics
-    scores = ("diverged" if m.get("diverged") else
-              "  ".join(f"{k}={m[k]:.4f}" for k in (schema.TEST_ERROR, schema.VAL_ERROR, schema.TEST_RECON_LOSS)
-                        if k in m))
-    verdict = "conditions met" if m.get("stability_ok", True) else f"FLAGGED: {m.get('stability_flags', '')}"
-    return f"{trial_id}  {shown}  {scores or 'no result'}  {verdict}"
+    stopped = "  (interrupted)" if result.metrics.get("trial_id") in study.stopped else ""
+    return f"{trial_id}  {shown}  {progress.result_words(result.metrics)}{stopped}"
 

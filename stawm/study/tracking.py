@@ -13,6 +13,7 @@ run whose process dies mid-study still says how far it got.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import sys
 import tempfile
@@ -32,23 +33,45 @@ from ..provenance import PROJECT_ROOT, command_line, redact
 from ..store_uri import sqlite_path
 from ..train.data import DataBundle
 from .context import TrialContext
+from . import environment
 from .preflight import PreflightError
 
 NOT_PARAMS = ("set", "resume")  # flags the parent records otherwise (set: joined) or not at all
 
 
 def experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The id of the experiment `name`, created if new (artifacts beside a sqlite database)."""
+    """The id of the experiment `name`, created if new (artifacts beside a sqlite database), with the tags that
+    make MLflow 3's UI open on its training runs and offer the view of seeds grouped by configuration."""
     found = client.get_experiment_by_name(name)
-    kind = {schema.EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING}  # MLflow 3's UI: open on the training runs
+    tags = {schema.EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING,  # MLflow 3's UI: open on the training runs
+            schema.shared_view(schema.BY_CONFIG_VIEW): BY_CONFIG}
     if found is not None:
-        if found.tags.get(schema.EXPERIMENT_KIND) != schema.EXPERIMENT_KIND_TRAINING:
-            client.set_experiment_tag(found.experiment_id, schema.EXPERIMENT_KIND, schema.EXPERIMENT_KIND_TRAINING)
+        for key, value in tags.items():
+            if found.tags.get(key) != value:
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location, database = None, sqlite_path(tracking_uri)
     if database is not None:  # artifacts beside the database, not in whatever cwd the driver has
         location = (database.resolve().parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location, tags=kind)
+    return client.create_experiment(name, artifact_location=location, tags=tags)
+
+
+# The experiment's view of seeds grouped by configuration, as MLflow 3's UI saves a view it shares (a JSON experiment
+# tag its URL names: `ui_page`): trial runs grouped by schema.CONFIG, each group's mean in the table and mean with its
+# min-max band in the charts, the error columns shown, the charts of error metrics first.
+BY_CONFIG = json.dumps({
+    "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": schema.CONFIG}]},
+    "selectedColumns": [f"metrics.`{schema.TEST_ERROR}`", f"metrics.`{schema.BEST_TEST_ERROR}`",
+                        f"tags.`{schema.CONFIG}`", "attributes.`Models`"],
+    "useGroupedValuesInCharts": True, "chartsSearchFilter": "error"})
+
+
+def ui_page(experiment_id: str, grouped: bool = True) -> str:
+    """The path (after the UI's address) of the experiment's training runs in MLflow 3's UI; `grouped`: in the view of
+    seeds grouped by configuration. (MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag
+    says; the URL chooses training.)"""
+    view = f"viewStateShareKey={schema.BY_CONFIG_VIEW}&" if grouped else ""
+    return f"#/experiments/{experiment_id}/runs?{view}workflowType=machine_learning"
 
 
 def source_name() -> str:
@@ -100,6 +123,13 @@ def run_name(values: dict, swept: list[str]) -> str:
                     if k in values)
 
 
+def config_label(values: dict, swept: list[str]) -> str:
+    """A trial's configuration: its run name without the seed ("glimpse_size=8"), the same for every seed of it
+    (schema.CONFIG, what MLflow's UI groups runs by); a study that sweeps nothing has one, its preset."""
+    return (" ".join(f"{k}={value_text(values[k])}" for k in swept if k != "seed" and k in values)
+            or f"preset={values.get('preset', '')}")
+
+
 # --- the study's parent run ---------------------------------------------------------------------
 
 
@@ -125,6 +155,7 @@ def create_study_run(client: MlflowClient, experiment_id: str, name: str, params
                      commit: str, dirty: bool | None) -> str:
     """The parent run, named after the study; its description is the command that started it."""
     tags = {schema.ROLE: schema.ROLE_STUDY, schema.STUDY: name, **source_tags(source, commit, dirty),
+            **environment.environment_tags(),
             schema.NOTE: f"Started with\n\n    {command_line()}\n"}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -159,11 +190,14 @@ def open_trial_run(client: MlflowClient, context: TrialContext, cfg: Config, tri
     where = [RunTag(schema.HOST, socket.gethostname()), *(RunTag(k, v) for k, v in placement.items())]  # may move
     if found:
         run_id = found[0].info.run_id
+        if schema.STOPPED_EARLY in found[0].data.tags:  # a stop the trial went on from (an interrupted study)
+            client.delete_tag(run_id, schema.STOPPED_EARLY)
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=where)
         return run_id, True
     tags = {**keys, schema.ROLE: schema.ROLE_TRIAL, schema.STUDY: context.study, schema.PRESET: cfg.preset,
-            schema.SEED: str(cfg.seed), **source_tags(context.source, context.git_commit, context.git_dirty)}
+            schema.SEED: str(cfg.seed), schema.CONFIG: config_label(dataclasses.asdict(cfg), list(context.swept)),
+            **source_tags(context.source, context.git_commit, context.git_dirty)}
     run_id = client.create_run(context.experiment_id, run_name=name, tags=tags).info.run_id
     flat = cfg.to_flat()
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()],
@@ -235,3 +269,23 @@ def close_left_running(client: MlflowClient, experiment_id: str, parent_run_id: 
         if stopped_early:
             client.set_tag(run.info.run_id, schema.STOPPED_EARLY, schema.TRUE)
         client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+
+
+def study_killed(client: MlflowClient, parent_run_id: str) -> bool:
+    """Whether the study's parent run is KILLED: the study was interrupted (`runner.Study.mark_killed`)."""
+    return client.get_run(parent_run_id).info.status == "KILLED"
+
+
+def leave_for_resume(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> None:
+    """The runs of a trial an interrupted study stopped, KILLED (MLflow's status for an interrupted run) for --resume
+    to continue: those still RUNNING, and those the trial closed as stopped early (Tune stops it as a scheduler
+    would: a trial that did not see its parent KILLED, `study_killed`, cannot tell the two apart). Its members that
+    had ended (FINISHED, not stopped early) stay."""
+    runs = client.search_runs([experiment_id], schema.tag_filter({schema.PARENT_RUN_ID: parent_run_id,
+                                                                  schema.TRIAL_ID: trial_id}))
+    for run in runs:
+        if schema.STOPPED_EARLY in run.data.tags:
+            client.delete_tag(run.info.run_id, schema.STOPPED_EARLY)
+        elif run.info.status != "RUNNING":
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")

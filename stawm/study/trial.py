@@ -26,6 +26,7 @@ from .. import schema
 from ..config import Config
 from ..train import CHECKPOINT, train
 from ..train.data import load_training_data
+from . import environment, models
 from .context import TrialContext
 from .gpu_share import trial_device
 from .recorder import RunRecorder
@@ -38,24 +39,31 @@ def trainable(config: dict, context: TrialContext) -> None:
     device, gpu = trial_device(context)
     trial, checkpoint = tune.get_context(), tune.get_checkpoint()  # no checkpoint on a trial's first attempt
     down_since = newest_state(checkpoint)[1].get("tracking_down_since") if checkpoint is not None else None
-    placement = {schema.NODE: _ray_node(), schema.DEVICE: device, schema.GPU: gpu}
+    placement = {schema.NODE: _ray_node(), schema.DEVICE: device, schema.GPU: gpu,
+                 **environment.environment_tags(device)}  # rewritten on every attempt: a retry may move
     recorder = RunRecorder(context, cfgs, trial.get_trial_id(), trial.get_trial_name(), placement, down_since)
-    with recorder, scratch_folder(trial.get_trial_id()) as workdir:
+    monitored = environment.system_metrics([m.run_id for m in recorder.members], context.tracking_uri,
+                                           resumed=any(member.resumed for member in recorder.members),
+                                           on=environment.system_metrics_on(context.system_metrics, device))
+    with recorder, monitored, scratch_folder(trial.get_trial_id()) as workdir:
         saved = None
         if checkpoint is not None:
             checkpoint, saved = restore_newest(checkpoint, workdir)
-        recorder.resume(saved, checkpoint_uri(checkpoint, CHECKPOINT) if checkpoint is not None else None)
+        recorder.resume(saved, checkpoint_uri(checkpoint, CHECKPOINT) if checkpoint is not None else None, workdir)
         if not recorder.training:  # every member stopped before the restart
+            recorder.finish()  # their models, if the server did not answer before
             return
         data = load_training_data(cfgs[0], context.data_root or None, torch.device(device))
         recorder.log_dataset(data)
         for records in train([local_pretrained(cfg) for cfg in cfgs], device=device, data=data,
                              checkpoint_dir=workdir, resume=checkpoint is not None):
+            models.keep_best(workdir, records)  # the weights of each member's lowest test error, beside the loop's
             metrics = recorder.epoch(records)
             save_state(workdir, recorder.last_epoch, *recorder.saved_state())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(workdir))
             checkpoint = keep_only(tune.get_checkpoint(), checkpoint)  # report returns once it is stored
             recorder.checkpoint(checkpoint_uri(checkpoint, CHECKPOINT))
+        recorder.finish()  # each member's final and best weights as LoggedModels, before the folder goes
 
 
 @contextmanager

@@ -2,8 +2,9 @@
 newest complete one, and emptying the older ones.
 
 Each epoch a trial reports a folder holding the loop's checkpoint (`stawm.train.CHECKPOINT`, all its
-members) and RUNNER_STATE: the epoch, the checkpoint's size (a copy cut short by a kill is told by it)
-and each member's state (its stability report, best test error, whether it stopped).
+members), RUNNER_STATE: the epoch, the checkpoint's size (a copy cut short by a kill is told by it)
+and each member's state (its stability report, best test error, whether it stopped), and once a test error was
+measured BEST_WEIGHTS: each member's weights at its lowest test error so far (`stawm.study.models.keep_best`).
 
 Tune is told to delete no checkpoint (`runner.run_config`): with num_to_keep=1 it deletes checkpoint
 k-1 as soon as k is registered, while the experiment state on storage still names k-1 until its next
@@ -29,6 +30,7 @@ from ..train import CHECKPOINT
 
 URI_SCHEMES = {"gcs": "gs"}  # pyarrow filesystem type -> URI scheme, where they differ (s3 is s3)
 RUNNER_STATE = "runner_state.json"  # beside the loop's checkpoint.pt: epoch, its size, best_test_error, the report
+BEST_WEIGHTS = "best.pt"  # beside them: each member's epoch, test error and weights at its best (stawm.study.models)
 
 
 def checkpoint_uri(checkpoint: tune.Checkpoint, filename: str) -> str:
@@ -42,9 +44,11 @@ def checkpoint_uri(checkpoint: tune.Checkpoint, filename: str) -> str:
 
 def save_state(workdir: Path, epoch: int, members: list[dict], tracking_down_since: float | None = None) -> None:
     """The runner state beside the epoch's checkpoint: its size (to tell a whole copy), each member's state, and
-    since when the tracking server has not answered (None: it answers), so that a retry goes on counting."""
+    since when the tracking server has not answered (None: it answers), so that a retry goes on counting; the best
+    weights' size, when there are any (to tell a whole copy of them too)."""
+    best = workdir / BEST_WEIGHTS
     state = {"epoch": epoch, "checkpoint_bytes": (workdir / CHECKPOINT).stat().st_size, "members": members,
-             "tracking_down_since": tracking_down_since}
+             "tracking_down_since": tracking_down_since, "best_bytes": best.stat().st_size if best.exists() else None}
     (workdir / RUNNER_STATE).write_text(json.dumps(state))
 
 
@@ -79,14 +83,17 @@ def restore_newest(checkpoint: tune.Checkpoint, workdir: Path) -> tuple[tune.Che
 
 
 def _complete_state(fs, path: str) -> dict | None:
-    """The runner state of a checkpoint folder whose checkpoint file is whole (a copy cut short is not)."""
+    """The runner state of a checkpoint folder whose checkpoint file (and best weights) are whole (a copy cut short
+    is not)."""
     try:
         with fs.open_input_stream(f"{path}/{RUNNER_STATE}") as stream:
             state = json.loads(stream.read())
         size = fs.get_file_info(f"{path}/{CHECKPOINT}").size
+        best = fs.get_file_info(f"{path}/{BEST_WEIGHTS}").size if state.get("best_bytes") is not None else None
     except (OSError, ValueError):
         return None
-    return state if size is not None and size == state.get("checkpoint_bytes") else None
+    whole = size is not None and size == state.get("checkpoint_bytes") and best == state.get("best_bytes")
+    return state if whole else None
 
 
 def keep_only(latest: tune.Checkpoint, previous: tune.Checkpoint | None) -> tune.Checkpoint:
@@ -98,7 +105,7 @@ def keep_only(latest: tune.Checkpoint, previous: tune.Checkpoint | None) -> tune
 
 def drop_payload(fs, path: str) -> None:
     """Empty an older checkpoint folder, keeping the folder: Tune's saved state may still name it."""
-    for name in (RUNNER_STATE, CHECKPOINT):
+    for name in (RUNNER_STATE, CHECKPOINT, BEST_WEIGHTS):
         try:
             fs.delete_file(f"{path}/{name}")
         except FileNotFoundError:
