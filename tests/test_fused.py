@@ -25,11 +25,17 @@ COMPARED = ("train_loss", "train_accuracy", "test_error", "max_abs_w", "max_read
             "readout_saturated", "memory_bound_ratio", "lr", "delta", "eta", "theta")
 
 
+def small_sample(test_images: int) -> DataBundle:
+    """The digit sample cut to 640 training images (a few tiny-preset steps) and its first `test_images` test ones."""
+    full = load_data("mnist-sample")
+    return DataBundle(train=full.train.subset(torch.arange(640)), val=None,
+                      test=full.test.subset(torch.arange(test_images)), num_classes=full.num_classes, mean=full.mean,
+                      std=full.std)
+
+
 @pytest.fixture(scope="module")
 def data() -> DataBundle:
-    full = load_data("mnist-sample")
-    return DataBundle(train=full.train.subset(torch.arange(640)), val=None, test=full.test.subset(torch.arange(200)),
-                      num_classes=full.num_classes, mean=full.mean, std=full.std)
+    return small_sample(200)
 
 
 def base(**changes):

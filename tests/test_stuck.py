@@ -21,17 +21,16 @@ from stawm.study.recorder import RunRecorder, member_epoch, stop_tags, stopped_m
 from stawm.train import CHECKPOINT, train
 from stawm.train.checkpoints import member_weights
 from stawm.train.cli import main
-from stawm.train.data import DataBundle, load_data
+from stawm.train.data import DataBundle
 from stawm.train.fused import FusedStack
 
-from test_fused import COMPARED, TIMING, TOL  # a fused member against the same numbers in another stack shape
+# a fused member against the same numbers in another stack shape; the same small digit sample
+from test_fused import COMPARED, TIMING, TOL, small_sample
 
 
 @pytest.fixture(scope="module")
 def data() -> DataBundle:
-    full = load_data("mnist-sample")
-    return DataBundle(train=full.train.subset(torch.arange(640)), val=None, test=full.test.subset(torch.arange(128)),
-                      num_classes=full.num_classes, mean=full.mean, std=full.std)
+    return small_sample(128)
 
 
 def base(**changes):
